@@ -1,0 +1,151 @@
+"""Structured config: the single source of truth, registered with Hydra.
+
+Every section is a dataclass; Hydra validates the YAML and the command line against
+them, so an unknown key or a wrong type fails at start, before any actor exists.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+from mmagent_rl.algos.grpo import GRPOConfig
+from mmagent_rl.data.synthetic import SyntheticConfig
+from mmagent_rl.rollout.agent_loop import AgentConfig
+from mmagent_rl.rollout.engine import EngineConfig
+
+ALGORITHMS = ("grpo",)
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny"
+    # A local folder (or hub name on machines with a hub). None = build the tiny model.
+    path: Optional[str] = None
+    tiny_seed: int = 0
+    dtype: str = "float32"
+    system_prompt: Optional[str] = None  # None = the default tool prompt
+
+
+@dataclass
+class DataConfig:
+    kind: str = "synthetic"  # synthetic | file
+    path: Optional[str] = None  # jsonl or parquet, for kind=file
+    eval_path: Optional[str] = None
+    seed: int = 0
+    train_size: int = 100_000
+    eval_size: int = 64
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+@dataclass
+class RolloutConfig:
+    num_workers: int = 1
+    num_cpus: float = 0.5  # fractional: 2-core machines must fit everything
+    num_gpus: float = 0.0
+    n: int = 4  # samples per prompt (group size G)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    agent: AgentConfig = field(default_factory=AgentConfig)
+
+
+@dataclass
+class RewardConfig:
+    fn: str = "mmagent_rl.reward.task:default_reward"
+    match_mode: str = "exact"
+    format_weight: float = 0.0
+    num_cpus: float = 0.25
+    num_gpus: float = 0.0
+
+
+@dataclass
+class LearnerConfig:
+    num_workers: int = 2
+    num_cpus: float = 0.5
+    num_gpus: float = 0.0
+    zero_stage: int = 2
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    betas: list = field(default_factory=lambda: [0.9, 0.999])
+    grad_clip: float = 1.0
+    micro_batch_size: int = 4
+    torch_threads: int = 1
+
+
+@dataclass
+class AlgoConfig:
+    name: str = MISSING  # chosen with +algo=grpo|mapo|papo|axpo
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+
+
+@dataclass
+class SyncConfig:
+    backend: str = "object_store"
+
+
+@dataclass
+class TrainerConfig:
+    total_steps: int = 20
+    prompts_per_step: int = 4  # B; a step trains on B * n trajectories
+    seed: int = 0
+    save_final: bool = True
+    progress: bool = True
+    ray_address: Optional[str] = None  # None = start a local Ray
+    ray_num_cpus: Optional[float] = None
+    step_timeout_s: float = 1800.0
+
+
+@dataclass
+class LoggerConfig:
+    jsonl: bool = True
+    wandb: bool = False
+    project: str = "mmagent_rl"
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    sync: SyncConfig = field(default_factory=SyncConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def register() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="base_config", node=Config)
+
+
+def validate(cfg: Config) -> None:
+    """Checks that types alone cannot express; fails before any actor starts."""
+    def choice(key: str, value, valid) -> None:
+        if value not in valid:
+            raise ValueError(f"{key}={value!r} is not valid; valid choices: {list(valid)}")
+
+    choice("algo.name", cfg.algo.name, ALGORITHMS)
+    choice("data.kind", cfg.data.kind, ("synthetic", "file"))
+    choice("learner.zero_stage", cfg.learner.zero_stage, (0, 1, 2, 3))
+    from mmagent_rl.learner.sync import check_backend
+
+    check_backend(cfg.sync.backend)
+    for key, v in (("rollout.n", cfg.rollout.n), ("rollout.num_workers", cfg.rollout.num_workers),
+                   ("learner.num_workers", cfg.learner.num_workers),
+                   ("learner.micro_batch_size", cfg.learner.micro_batch_size),
+                   ("trainer.prompts_per_step", cfg.trainer.prompts_per_step)):
+        if v < 1:
+            raise ValueError(f"{key} must be >= 1, got {v}")
+    if cfg.data.kind == "file" and not cfg.data.path:
+        raise ValueError("data.kind=file needs data.path (a .jsonl or .parquet file)")
+    agent = cfg.rollout.agent
+    if agent.max_turns + 1 > cfg.rollout.engine.max_images_per_prompt:
+        raise ValueError(
+            f"rollout.agent.max_turns={agent.max_turns} needs "
+            f"rollout.engine.max_images_per_prompt >= {agent.max_turns + 1}")
+    if agent.max_total_tokens > cfg.rollout.engine.max_model_len:
+        raise ValueError("rollout.agent.max_total_tokens must be <= rollout.engine.max_model_len")

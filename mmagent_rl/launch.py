@@ -1,0 +1,44 @@
+"""Hydra entry point: ``python -m mmagent_rl.launch +algo=grpo trainer.total_steps=N``.
+
+The run directory is Hydra's (``hydra.run.dir=...`` works); it receives
+``metrics.jsonl``, the resolved ``config.yaml`` and ``checkpoints/final``.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from mmagent_rl.config import register
+
+register()
+log = logging.getLogger("mmagent_rl")
+
+
+def run(cfg: DictConfig, run_dir: str) -> list[dict]:
+    from mmagent_rl.trainer import Trainer
+
+    if OmegaConf.select(cfg, "algo.name", default=None) in (None, "???"):
+        raise SystemExit("choose an algorithm: +algo=grpo (valid: grpo)")
+    trainer = Trainer(cfg, run_dir)
+    try:
+        return trainer.fit()
+    finally:
+        trainer.shutdown()
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def main(cfg: DictConfig) -> None:
+    run_dir = HydraConfig.get().runtime.output_dir
+    with open(os.path.join(run_dir, "config.yaml"), "w") as f:
+        f.write(OmegaConf.to_yaml(cfg))
+    history = run(cfg, run_dir)
+    if history:
+        log.info("done: %d steps, run dir %s", len(history), run_dir)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,51 @@
+"""The HF policy model and the log-probs of multi-turn multimodal sequences."""
+from __future__ import annotations
+
+import torch
+
+from mmagent_rl.algos.grpo import entropy_from_logits
+from mmagent_rl.learner.batch import Batch
+from mmagent_rl.rollout.chat import BANNED_LOGIT_BIAS
+
+
+def load_policy(model_path: str, dtype: str = "float32", attn_implementation: str = "sdpa"):
+    """The HF model class named in the checkpoint's config (Qwen2.5-VL, Qwen3-VL, ...)."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    cfg = AutoConfig.from_pretrained(model_path)
+    model = AutoModelForImageTextToText.from_pretrained(
+        model_path, config=cfg, dtype=getattr(torch, dtype),
+        attn_implementation=attn_implementation,
+    )
+    model.config.use_cache = False
+    return model
+
+
+def token_logprobs(model, batch: Batch, *, temperature: float = 1.0,
+                   banned_ids: list[int] | None = None, with_entropy: bool = False,
+                   chunk: int = 1024):
+    """log pi(target_t) for every position, and optionally the per-token entropy.
+
+    Positions are passed explicitly (``batch.position_ids``, computed like the engine
+    does) so the model never falls back to 1-D positions. The vocabulary projection is
+    done in chunks of the sequence to bound the [B, T, V] logits memory."""
+    out = model.model(
+        input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+        position_ids=batch.position_ids, pixel_values=batch.pixel_values,
+        image_grid_thw=batch.image_grid_thw, mm_token_type_ids=batch.mm_token_type_ids,
+        use_cache=False,
+    )
+    hidden = out.last_hidden_state[:, :-1]
+    lps, ents = [], []
+    for s in range(0, hidden.shape[1], chunk):
+        logits = model.lm_head(hidden[:, s:s + chunk]).float()
+        if banned_ids:  # the same logit bias the engine sampled with
+            logits[..., banned_ids] += BANNED_LOGIT_BIAS
+        if temperature != 1.0:
+            logits = logits / temperature
+        lp = torch.log_softmax(logits, dim=-1)
+        lps.append(lp.gather(-1, batch.targets[:, s:s + chunk, None]).squeeze(-1))
+        if with_entropy:
+            ents.append(entropy_from_logits(logits))
+    lp = torch.cat(lps, dim=1)
+    return lp, (torch.cat(ents, dim=1) if with_entropy else None)

@@ -1,0 +1,168 @@
+"""Learner: one DeepSpeed data-parallel rank (ZeRO-2 default) applying the RL loss.
+
+``Learner`` is a plain class (tests drive it without Ray, world size 1);
+``make_learner_actor`` wraps it as a Ray actor. Ranks meet over torch.distributed:
+gloo on CPU, NCCL on GPUs, with the same code.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import asdict
+
+import torch
+
+from mmagent_rl.algos.grpo import GRPOConfig, grpo_loss
+from mmagent_rl.learner.batch import collate
+from mmagent_rl.learner.policy import load_policy, token_logprobs
+from mmagent_rl.learner.sync import export_hf_state
+from mmagent_rl.rollout.chat import ChatFormat
+from mmagent_rl.trajectory import Trajectory
+
+
+def _init_distributed(rank: int, world_size: int, master_addr: str, master_port: int,
+                      backend: str) -> None:
+    import sys
+
+    import deepspeed
+    import deepspeed.comm.torch  # noqa: F401 - so that sys.modules has it
+
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(
+            backend, init_method=f"tcp://{master_addr}:{master_port}", rank=rank,
+            world_size=world_size)
+    if backend == "gloo":
+        # DeepSpeed compiles a shared-memory comm op (~85 s) at every init on CPU;
+        # gloo does not need it.
+        sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+    os.environ.setdefault("LOCAL_RANK", "0")
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+
+
+class Learner:
+    def __init__(self, model_path: str, *, rank: int = 0, world_size: int = 1,
+                 master_addr: str = "127.0.0.1", master_port: int = 29500,
+                 zero_stage: int = 2, lr: float = 1e-5, weight_decay: float = 0.0,
+                 betas=(0.9, 0.999), grad_clip: float = 1.0, micro_batch_size: int = 4,
+                 algo: GRPOConfig = GRPOConfig(), temperature: float = 1.0,
+                 torch_threads: int = 1, seed: int = 0, system_prompt: str | None = None):
+        import deepspeed
+
+        torch.set_num_threads(torch_threads)
+        torch.manual_seed(seed)
+        self.rank, self.world_size = rank, world_size
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        _init_distributed(rank, world_size, master_addr, master_port, backend)
+        self.chat = ChatFormat.from_pretrained(model_path, system_prompt)
+        self.algo = algo
+        self.temperature = temperature
+        self.micro_batch_size = micro_batch_size
+        self.zero_stage = zero_stage
+        model = load_policy(model_path)
+        model.train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=tuple(betas),
+                                      weight_decay=weight_decay)
+        ds_config = {
+            "train_micro_batch_size_per_gpu": micro_batch_size,
+            "gradient_accumulation_steps": 1,  # we mark the boundary ourselves
+            "gradient_clipping": grad_clip,
+            "zero_optimization": {"stage": zero_stage},
+            "zero_allow_untested_optimizer": True,  # torch AdamW: no 90-s CPUAdam build
+            "steps_per_print": 10**9,
+        }
+        self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                               config=ds_config)
+        self.ref = None
+        if algo.kl_beta > 0:  # beta 0 = no reference model is loaded at all
+            self.ref = load_policy(model_path).eval().requires_grad_(False)
+        self.step_count = 0
+
+    # ---- training ------------------------------------------------------------------
+    def train_step(self, trajs: list[Trajectory], num_tokens: int, num_seqs: int) -> dict:
+        """One optimizer step over this rank's shard. ``num_tokens``/``num_seqs`` are the
+        global batch's counts, so the loss is the global token-mean however it is split.
+        Every rank must get the same number of trajectories (pad with zero-mask copies)."""
+        t0 = time.perf_counter()
+        eng, cfg = self.engine, self.algo
+        mbs = [trajs[i:i + self.micro_batch_size]
+               for i in range(0, len(trajs), self.micro_batch_size)]
+        sums: dict[str, float] = {}
+        for i, mb in enumerate(mbs):
+            eng.set_gradient_accumulation_boundary(i == len(mbs) - 1)
+            batch = collate(mb, self.chat.image_processor, self.chat.image_token_id,
+                            self.chat.pad_id)
+            lp, _ = token_logprobs(eng.module, batch, temperature=self.temperature,
+                                   banned_ids=self.chat.banned_ids)
+            lp_ref = None
+            if self.ref is not None:
+                with torch.no_grad():
+                    lp_ref, _ = token_logprobs(self.ref, batch, temperature=self.temperature,
+                                               banned_ids=self.chat.banned_ids)
+            loss, stats = grpo_loss(lp, batch.old_logprobs, batch.advantages,
+                                    batch.loss_mask, lp_ref=lp_ref, cfg=cfg,
+                                    num_tokens=num_tokens, num_seqs=num_seqs)
+            # DeepSpeed averages gradients over ranks; the loss is already normalised
+            # by global counts, so undo the average.
+            eng.backward(loss * self.world_size, scale_wrt_gas=False)
+            w = batch.num_tokens
+            sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
+            for k, v in stats.items():
+                if k not in ("loss", "pg_loss"):
+                    sums[k + "@w"] = sums.get(k + "@w", 0.0) + v * w
+            sums["pg_loss"] = sums.get("pg_loss", 0.0) + stats.get("pg_loss", 0.0)
+            sums["tokens"] = sums.get("tokens", 0.0) + w
+        eng.step()
+        self.step_count += 1
+        gn = eng.get_global_grad_norm()
+        sums["grad_norm"] = float(gn) if gn is not None else float("nan")
+        sums["time/learner_compute"] = time.perf_counter() - t0
+        return sums
+
+    # ---- weights ---------------------------------------------------------------------
+    def export_weights(self) -> list[tuple[str, torch.Tensor]]:
+        return export_hf_state(self.engine.module, gather_zero3=self.zero_stage == 3)
+
+    def weights_checksum(self) -> float:
+        return float(sum(p.detach().double().abs().sum() for p in self.engine.module.parameters()))
+
+    def save(self, out_dir: str) -> str:
+        """HF folder (config, weights, tokenizer, processor): loadable by vLLM and HF."""
+        from transformers import AutoProcessor
+
+        model = self.engine.module
+        if self.zero_stage == 3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=0):
+                if self.rank == 0:
+                    model.save_pretrained(out_dir, safe_serialization=True)
+        elif self.rank == 0:
+            model.save_pretrained(out_dir, safe_serialization=True)
+        if self.rank == 0:
+            src = model.config._name_or_path
+            AutoProcessor.from_pretrained(src).save_pretrained(out_dir)
+        return out_dir
+
+    def config(self) -> dict:
+        return {"rank": self.rank, "world_size": self.world_size, "algo": asdict(self.algo)}
+
+
+def finalize_metrics(per_rank: list[dict]) -> dict:
+    """Combine the ranks' sums: token-weighted means for the stats, sum for the loss."""
+    tokens = sum(r["tokens"] for r in per_rank) or 1.0
+    out = {"loss": sum(r["loss"] for r in per_rank), "pg_loss": sum(r["pg_loss"] for r in per_rank)}
+    for k in per_rank[0]:
+        if k.endswith("@w"):
+            out[k[:-2]] = sum(r[k] for r in per_rank) / tokens
+    out["grad_norm"] = per_rank[0]["grad_norm"]
+    out["time/learner_compute"] = max(r["time/learner_compute"] for r in per_rank)
+    if not math.isfinite(out["loss"]):
+        out["nonfinite_loss"] = 1.0
+    return out
+
+
+def make_learner_actor(num_cpus: float, num_gpus: float = 0.0):
+    import ray
+
+    return ray.remote(num_cpus=num_cpus, num_gpus=num_gpus)(Learner)

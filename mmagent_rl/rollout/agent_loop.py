@@ -1,0 +1,166 @@
+"""The multi-turn agent loop: generate until </tool_call> or end of turn, run the tool,
+append the observation as tokens (mask 0), repeat up to max_turns.
+
+Every active rollout of every prompt goes into one engine call per turn, so vLLM
+batches them. Nothing here raises on bad model output: a malformed call becomes an
+"Error: ..." observation that the model sees, and each trajectory is capped by
+max_turns and max_total_tokens.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+from PIL import Image
+
+from mmagent_rl.data.example import Example
+from mmagent_rl.rollout.chat import BANNED_LOGIT_BIAS, ChatFormat, collapse_image_runs
+from mmagent_rl.tools.parse import find_tool_call, has_unterminated_call, parse_tool_call
+from mmagent_rl.tools.zoom import run_tool
+from mmagent_rl.trajectory import ToolCall, Trajectory
+
+
+@dataclass
+class AgentConfig:
+    max_turns: int = 6  # assistant turns; a call in the last turn gets no observation
+    max_new_tokens: int = 128  # per turn
+    max_total_tokens: int = 2048  # whole trajectory, prompt and observations included
+    temperature: float = 1.0
+    top_p: float = 1.0
+    zoom_min_size: int = 28
+    zoom_out_max_side: int = 112
+
+
+@dataclass
+class _State:
+    example: Example
+    sample_idx: int
+    ids: list[int]
+    mask: list[int]
+    logprobs: list[float]
+    images: list[Image.Image]
+    prompt_len: int
+    texts: list[str] = field(default_factory=list)
+    calls: list[ToolCall] = field(default_factory=list)
+    turn: int = 0
+    done: bool = False
+    finish: str = ""
+    prompt_id: str = ""
+
+
+def request_seed(seed: int, *parts) -> int:
+    """A stable per-request seed (never Python's salted hash)."""
+    h = hashlib.sha256(repr((seed,) + parts).encode()).digest()
+    return int.from_bytes(h[:4], "little")
+
+
+class AgentLoop:
+    def __init__(self, engine, chat: ChatFormat, cfg: AgentConfig = AgentConfig()):
+        self.engine = engine
+        self.chat = chat
+        self.cfg = cfg
+
+    # ---- entry points ---------------------------------------------------------------
+    def run(self, examples: list[Example], n: int, seed: int = 0) -> list[Trajectory]:
+        """n rollouts per example; rollouts of one example share its prompt_id."""
+        states = []
+        for ex in examples:
+            prompt = self.chat.prompt_ids(ex.image, ex.question)
+            for k in range(n):
+                states.append(_State(ex, k, list(prompt), [0] * len(prompt),
+                                     [0.0] * len(prompt), [ex.image], len(prompt),
+                                     prompt_id=ex.id))
+        return self._loop(states, seed)
+
+    def continue_from(self, prefixes: list[Trajectory], examples: list[Example], k: int,
+                      seed: int = 0) -> list[Trajectory]:
+        """k continuations of each prefix trajectory (its tokens kept, mask set to 0 so
+        the continuation's own loss covers only what is generated here)."""
+        states = []
+        for p, ex in zip(prefixes, examples):
+            for j in range(k):
+                states.append(_State(
+                    ex, j, list(p.token_ids), [0] * len(p.token_ids), [0.0] * len(p.token_ids),
+                    list(p.images), len(p.token_ids), texts=[p.response_text],
+                    turn=int(p.meta.get("turns", 0)), prompt_id=f"{p.prompt_id}/cont{p.sample_idx}",
+                ))
+        return self._loop(states, seed)
+
+    # ---- the loop -------------------------------------------------------------------
+    def _loop(self, states: list[_State], seed: int) -> list[Trajectory]:
+        cfg, chat = self.cfg, self.chat
+        stops = [chat.tool_call_close_id, chat.im_end_id]
+        while True:
+            active = [s for s in states if not s.done]
+            if not active:
+                break
+            for s in active:  # nothing left to generate in: stop before asking the engine
+                if cfg.max_total_tokens - len(s.ids) < 1:
+                    s.done, s.finish = True, "max_tokens"
+            active = [s for s in active if not s.done]
+            if not active:
+                break
+            gens = self.engine.generate(
+                [(collapse_image_runs(s.ids, chat.image_token_id), s.images) for s in active],
+                max_tokens=[min(cfg.max_new_tokens, cfg.max_total_tokens - len(s.ids))
+                            for s in active],
+                temperature=cfg.temperature, top_p=cfg.top_p, stop_token_ids=stops,
+                seeds=[request_seed(seed, s.prompt_id, s.sample_idx, s.turn) for s in active],
+                logit_bias={t: BANNED_LOGIT_BIAS for t in chat.banned_ids},
+            )
+            for s, g in zip(active, gens):
+                self._advance(s, g)
+        return [self._to_trajectory(s) for s in states]
+
+    def _advance(self, s: _State, g) -> None:
+        cfg, chat = self.cfg, self.chat
+        s.ids += g.token_ids
+        s.mask += [1] * len(g.token_ids)
+        s.logprobs += g.logprobs
+        text = chat.decode(g.token_ids)
+        s.texts.append(text)
+        turn = s.turn
+        s.turn += 1
+        span = (len(s.ids) - len(g.token_ids), len(s.ids))
+        if g.stop_token == chat.tool_call_close_id:
+            raw = find_tool_call(text) or ""
+            parsed = parse_tool_call(raw)
+            call = ToolCall(turn=turn, raw=raw, name=parsed.name, bbox=parsed.bbox,
+                            label=parsed.label, error=parsed.error, span=span)
+            crop = None
+            if parsed.error is None:
+                crop, box, err = run_tool(parsed, s.example.image, min_size=cfg.zoom_min_size,
+                                          out_max_side=cfg.zoom_out_max_side)
+                call.crop_box, call.error = box, err
+            s.calls.append(call)
+            if s.turn >= cfg.max_turns:
+                s.done, s.finish = True, "max_turns"
+                return
+            obs = chat.observation_ids(crop, call.error)
+            if len(s.ids) + len(obs) >= cfg.max_total_tokens:
+                s.done, s.finish = True, "max_tokens"
+                return
+            if crop is not None:
+                call.image_index = len(s.images)
+                s.images.append(crop)
+            s.ids += obs
+            s.mask += [0] * len(obs)
+            s.logprobs += [0.0] * len(obs)
+            return
+        if has_unterminated_call(text):  # counted as a failed call, never dropped
+            s.calls.append(ToolCall(turn=turn, raw="", span=span,
+                                    error="Error: unterminated <tool_call>"))
+        s.done = True
+        s.finish = "eos" if g.finish_reason == "stop" else "max_tokens"
+
+    def _to_trajectory(self, s: _State) -> Trajectory:
+        ex = s.example
+        return Trajectory(
+            prompt_id=s.prompt_id, sample_idx=s.sample_idx, token_ids=s.ids,
+            loss_mask=s.mask, logprobs=s.logprobs, images=s.images,
+            prompt_len=s.prompt_len, ground_truth=ex.answer,
+            response_text="".join(s.texts), tool_calls=s.calls, finish_reason=s.finish,
+            meta={"example_id": ex.id, "target_box": ex.target_box, "turns": s.turn,
+                  "image_size": ex.image.size, **{k: v for k, v in ex.meta.items()
+                                                 if isinstance(v, (int, float, str, bool))}},
+        )

@@ -1,0 +1,114 @@
+"""Token-level chat format shared by rollout, SFT demonstrations and the learner.
+
+Turns are built as token ids directly (never by re-rendering the whole chat), so what
+the learner trains on is exactly what the engine saw. In these ids every image is a run
+of ``<|image_pad|>`` tokens, one per merged vision token; the vLLM engine takes the
+same ids with each run collapsed to a single pad (:func:`collapse_image_runs`), which
+it expands itself (passing the expanded run makes it expand every pad again).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from PIL import Image
+
+# Structural tokens the policy must never sample (a sampled <|image_pad|> would break
+# the image/placeholder bookkeeping). Engine and learner add the same bias so that
+# engine and learner log-probs stay identical.
+BANNED_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|vision_start|>", "<|vision_end|>",
+                 "<|image_pad|>", "<|video_pad|>")
+BANNED_LOGIT_BIAS = -100.0
+
+DEFAULT_SYSTEM_PROMPT = (
+    "You can zoom into the image: <tool_call>{\"name\": \"image_zoom_in_tool\", "
+    "\"arguments\": {\"bbox_2d\": [x1, y1, x2, y2], \"label\": \"what you expect to "
+    "see\"}}</tool_call>, with the box in pixels of the original image. "
+    "Answer as <answer>...</answer>."
+)
+
+
+@dataclass
+class ChatFormat:
+    """Builds prompt / observation ids for a Qwen-VL style tokenizer + processor."""
+
+    tokenizer: object
+    image_processor: object
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+
+    def __post_init__(self) -> None:
+        tok = self.tokenizer
+        self.image_token_id = tok.convert_tokens_to_ids("<|image_pad|>")
+        self.vision_start_id = tok.convert_tokens_to_ids("<|vision_start|>")
+        self.vision_end_id = tok.convert_tokens_to_ids("<|vision_end|>")
+        self.im_end_id = tok.convert_tokens_to_ids("<|im_end|>")
+        self.tool_call_open_id = tok.convert_tokens_to_ids("<tool_call>")
+        self.tool_call_close_id = tok.convert_tokens_to_ids("</tool_call>")
+        self.banned_ids = sorted({tok.convert_tokens_to_ids(t) for t in BANNED_TOKENS
+                                  if tok.convert_tokens_to_ids(t) is not None})
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else self.im_end_id
+        ip = self.image_processor
+        size = getattr(ip, "size", None) or {}
+        self.min_pixels = getattr(ip, "min_pixels", None) or size.get("shortest_edge")
+        self.max_pixels = getattr(ip, "max_pixels", None) or size.get("longest_edge")
+        self.patch_size = ip.patch_size
+        self.merge_size = ip.merge_size
+
+    @classmethod
+    def from_pretrained(cls, path: str, system_prompt: str | None = None) -> "ChatFormat":
+        from transformers import AutoProcessor
+
+        proc = AutoProcessor.from_pretrained(path)
+        kw = {} if system_prompt is None else {"system_prompt": system_prompt}
+        return cls(proc.tokenizer, proc.image_processor, **kw)
+
+    # ---- images -------------------------------------------------------------------
+    def image_grid(self, image: Image.Image) -> tuple[int, int, int]:
+        """(t, h, w) patch grid the processor will produce, without running it."""
+        from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+        factor = self.patch_size * self.merge_size
+        h, w = smart_resize(image.height, image.width, factor=factor,
+                            min_pixels=self.min_pixels, max_pixels=self.max_pixels)
+        return 1, h // self.patch_size, w // self.patch_size
+
+    def num_image_tokens(self, image: Image.Image) -> int:
+        t, h, w = self.image_grid(image)
+        return t * h * w // (self.merge_size ** 2)
+
+    def image_ids(self, image: Image.Image) -> list[int]:
+        return [self.vision_start_id] + [self.image_token_id] * self.num_image_tokens(image) \
+            + [self.vision_end_id]
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    # ---- turns ----------------------------------------------------------------------
+    def prompt_ids(self, image: Image.Image, question: str) -> list[int]:
+        ids = self.encode(f"<|im_start|>system\n{self.system_prompt}<|im_end|>\n"
+                          "<|im_start|>user\n")
+        ids += self.image_ids(image)
+        ids += self.encode(f"{question}<|im_end|>\n<|im_start|>assistant\n")
+        return ids
+
+    def observation_ids(self, crop: Image.Image | None, error: str | None) -> list[int]:
+        """Tokens after a tool-call turn: close the turn, the tool's reply, reopen."""
+        ids = self.encode("<|im_end|>\n<|im_start|>user\n<tool_response>")
+        if crop is not None:
+            ids += self.image_ids(crop)
+        else:
+            ids += self.encode(error or "Error: no result")
+        ids += self.encode("</tool_response><|im_end|>\n<|im_start|>assistant\n")
+        return ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
+
+
+def collapse_image_runs(ids: list[int], image_token_id: int) -> list[int]:
+    """Each run of image pads -> one pad: the form the vLLM engine expects."""
+    out: list[int] = []
+    for t in ids:
+        if t == image_token_id and out and out[-1] == image_token_id:
+            continue
+        out.append(t)
+    return out

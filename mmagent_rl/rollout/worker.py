@@ -1,0 +1,45 @@
+"""RolloutWorker: a vLLM engine plus the agent loop. A plain class; ``make_rollout_actor``
+wraps it as a Ray actor (fractional CPU on one node, a GPU share on clusters)."""
+from __future__ import annotations
+
+import torch
+
+from mmagent_rl.data.example import Example
+from mmagent_rl.rollout.agent_loop import AgentConfig, AgentLoop
+from mmagent_rl.rollout.chat import ChatFormat
+from mmagent_rl.rollout.engine import EngineConfig, VLLMEngine
+from mmagent_rl.trajectory import Trajectory
+
+
+class RolloutWorker:
+    def __init__(self, model_path: str, engine_cfg: EngineConfig, agent_cfg: AgentConfig,
+                 system_prompt: str | None = None, torch_threads: int = 1):
+        torch.set_num_threads(torch_threads)
+        self.engine = VLLMEngine(model_path, engine_cfg)
+        self.chat = ChatFormat.from_pretrained(model_path, system_prompt)
+        self.loop = AgentLoop(self.engine, self.chat, agent_cfg)
+        self.weights_version = 0
+
+    def generate(self, examples: list[Example], n: int, seed: int) -> list[Trajectory]:
+        trajs = self.loop.run(examples, n, seed)
+        for t in trajs:
+            t.meta["weights_version"] = self.weights_version
+        return trajs
+
+    def continue_from(self, prefixes: list[Trajectory], examples: list[Example], k: int,
+                      seed: int) -> list[Trajectory]:
+        return self.loop.continue_from(prefixes, examples, k, seed)
+
+    def load_weights(self, named: list, version: int) -> int:
+        self.engine.load_weights(named)
+        self.weights_version = version
+        return version
+
+    def ping(self) -> bool:
+        return True
+
+
+def make_rollout_actor(num_cpus: float, num_gpus: float = 0.0):
+    import ray
+
+    return ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=3)(RolloutWorker)

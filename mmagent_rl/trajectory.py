@@ -1,0 +1,84 @@
+"""The one contract between rollout, reward and learner.
+
+A Trajectory is token-in / token-out: ``token_ids`` is exactly what the policy saw and
+produced, with every image's ``<|image_pad|>`` run already expanded to the number of
+merged vision tokens, so the learner can feed it to the HF model unchanged.
+``loss_mask`` is 1 on tokens the policy sampled and 0 on prompt, observation and
+padding tokens; ``logprobs`` holds the engine's log-probability of each sampled token
+(0.0 where the mask is 0).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from PIL import Image
+
+
+@dataclass
+class ToolCall:
+    """One parsed (or failed) tool call and what the tool returned."""
+
+    turn: int  # index of the assistant turn that made the call
+    raw: str  # text between <tool_call> and </tool_call>
+    name: str | None = None
+    bbox: tuple[float, float, float, float] | None = None  # as the model asked
+    crop_box: tuple[int, int, int, int] | None = None  # what was really cut
+    label: str | None = None  # the model's description of what it will see
+    error: str | None = None  # None when the tool ran
+    image_index: int | None = None  # index into Trajectory.images of the crop
+    # token span [start, end) of this call's assistant turn in Trajectory.token_ids
+    span: tuple[int, int] | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+@dataclass
+class Trajectory:
+    prompt_id: str  # rollouts sharing a prompt_id form a group
+    sample_idx: int
+    token_ids: list[int]
+    loss_mask: list[int]
+    logprobs: list[float]
+    images: list[Image.Image]  # original image(s) first, then crops in order
+    prompt_len: int
+    ground_truth: str = ""
+    response_text: str = ""  # all generated text, turns joined
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    finish_reason: str = ""  # "answer" | "eos" | "max_turns" | "max_tokens" | ...
+    reward: float | None = None
+    reward_info: dict[str, float] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)  # e.g. target box, image size
+    # Per-token advantage the learner uses; set by the driver (algos/), None before.
+    advantages: list[float] | None = None
+
+    def __post_init__(self) -> None:
+        n = len(self.token_ids)
+        if len(self.loss_mask) != n or len(self.logprobs) != n:
+            raise ValueError(
+                f"token_ids/loss_mask/logprobs lengths differ: "
+                f"{n}/{len(self.loss_mask)}/{len(self.logprobs)}"
+            )
+
+    @property
+    def num_generated(self) -> int:
+        return int(sum(self.loss_mask))
+
+    @property
+    def used_tool(self) -> bool:
+        """True if the rollout made at least one tool call (well-formed or not)."""
+        return len(self.tool_calls) > 0
+
+    @property
+    def correct(self) -> bool:
+        return bool(self.reward_info.get("correct", 0.0) > 0.5)
+
+
+def group_by_prompt(trajs: list[Trajectory]) -> dict[str, list[Trajectory]]:
+    """Groups in first-seen order (dicts keep insertion order)."""
+    groups: dict[str, list[Trajectory]] = {}
+    for t in trajs:
+        groups.setdefault(t.prompt_id, []).append(t)
+    return groups

@@ -1,0 +1,156 @@
+import base64
+import io
+import json
+import logging
+import random
+
+import pytest
+from PIL import Image
+
+from mmagent_rl.data.datasets import load_examples
+
+
+def png_bytes(size=(40, 30), color=(200, 10, 10), mode="RGB") -> bytes:
+    buf = io.BytesIO()
+    Image.new(mode, size, color if mode == "RGB" else 0).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def noisy_png_bytes(size=(64, 64)) -> bytes:
+    """Incompressible content, so truncating the file really cuts pixel data."""
+    buf = io.BytesIO()
+    noise = random.Random(0).randbytes(size[0] * size[1] * 3)
+    Image.frombytes("RGB", size, noise).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+
+
+def good_row(image, **extra):
+    return {"image": image, "question": "What colour?", "answer": "red", **extra}
+
+
+@pytest.fixture
+def image_dir(tmp_path):
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "good.png").write_bytes(png_bytes())
+    (tmp_path / "imgs" / "empty.png").write_bytes(b"")
+    (tmp_path / "imgs" / "text.png").write_text("this is not an image")
+    (tmp_path / "imgs" / "corrupt.png").write_bytes(png_bytes()[:8] + b"\x00garbage" * 20)
+    (tmp_path / "imgs" / "truncated.png").write_bytes(noisy_png_bytes()[:2000])
+    # 2000 x 1500 = 3M pixels: over twice the 1M limit used below (PIL's hard error);
+    # 1100 x 1000 is between 1x and 2x (PIL only warns, which must also skip).
+    (tmp_path / "imgs" / "bomb.png").write_bytes(png_bytes((2000, 1500), mode="1"))
+    (tmp_path / "imgs" / "big.png").write_bytes(png_bytes((1100, 1000), mode="1"))
+    return tmp_path
+
+
+def test_jsonl_good_rows_all_sources(image_dir):
+    abs_path = str(image_dir / "imgs" / "good.png")
+    b64 = "base64:" + base64.b64encode(png_bytes((10, 20))).decode()
+    write_jsonl(image_dir / "data.jsonl", [
+        good_row("imgs/good.png", id="first", target_box=[1, 2, 30.5, 29]),
+        good_row(abs_path),
+        good_row(b64, id=7),
+    ])
+    result = load_examples(image_dir / "data.jsonl")
+    assert not result.skipped
+    a, b, c = result.examples
+    assert a.id == "first" and a.target_box == (1, 2, 31, 29)
+    assert a.image.mode == "RGB" and a.image.size == (40, 30)
+    assert a.image.getpixel((0, 0)) == (200, 10, 10)
+    assert b.id == "data-2" and b.target_box is None
+    assert c.id == "7" and c.image.size == (10, 20)
+    assert (a.question, a.answer) == ("What colour?", "red")
+
+
+def test_jsonl_bad_rows_skipped_and_counted(image_dir, caplog):
+    rows = [
+        good_row("imgs/good.png"),
+        good_row("imgs/missing.png"),
+        good_row("imgs/empty.png"),
+        good_row("imgs/text.png"),
+        good_row("imgs/corrupt.png"),
+        good_row("imgs/truncated.png"),
+        good_row("imgs/bomb.png"),
+        good_row("imgs/big.png"),
+        good_row("imgs"),  # a directory
+        good_row("base64:!!not base64!!"),
+        {"image": "imgs/good.png", "answer": "red"},
+        {"image": "imgs/good.png", "question": "q", "answer": 3},
+        {"question": "q", "answer": "red"},
+        good_row("imgs/good.png", target_box=[0, 0, 999, 10]),
+        good_row(12),
+        "{not json",
+        "[1, 2]",
+        "",  # blank line: not a row
+    ]
+    write_jsonl(image_dir / "data.jsonl", rows)
+    with caplog.at_level(logging.WARNING):
+        result = load_examples(image_dir / "data.jsonl", max_image_pixels=1_000_000)
+    assert len(result.examples) == 1
+    assert result.skipped == {
+        "image_file_not_found": 1,
+        "image_empty_file": 1,
+        "image_not_an_image": 1,
+        "image_corrupt": 2,  # corrupt.png and truncated.png
+        "image_too_large": 2,
+        "image_unreadable": 1,
+        "image_bad_base64": 1,
+        "missing_column:question": 1,
+        "wrong_type:answer": 1,
+        "missing_column:image": 1,
+        "bad_target_box": 1,
+        "wrong_type:image": 1,
+        "bad_json": 1,
+        "not_an_object": 1,
+    }
+    warned = " ".join(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+    for reason in result.skipped:
+        assert reason in warned
+    # The process-wide PIL limit is restored afterwards.
+    assert Image.MAX_IMAGE_PIXELS != 1_000_000
+
+
+def test_parquet_rows(image_dir):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    table = pa.table({
+        "image": [png_bytes(), b"", b"not an image", png_bytes((5, 5))],
+        "question": ["q1", "q2", "q3", None],
+        "answer": ["a1", "a2", "a3", "a4"],
+    })
+    pq.write_table(table, image_dir / "data.parquet")
+    result = load_examples(image_dir / "data.parquet")
+    assert [e.question for e in result.examples] == ["q1"]
+    assert result.skipped == {"image_empty_file": 1, "image_not_an_image": 1,
+                              "missing_column:question": 1}
+
+
+def test_parquet_struct_images_and_paths(image_dir):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    table = pa.table({
+        "image": [{"bytes": png_bytes(), "path": None}, {"bytes": None, "path": "imgs/good.png"}],
+        "question": ["q1", "q2"],
+        "answer": ["a1", "a2"],
+        "target_box": [[0, 0, 10, 10], None],
+    })
+    pq.write_table(table, image_dir / "data.parquet")
+    result = load_examples(image_dir / "data.parquet")
+    assert len(result.examples) == 2 and not result.skipped
+    assert result.examples[0].target_box == (0, 0, 10, 10)
+
+
+def test_all_bad_raises_with_reasons(image_dir):
+    write_jsonl(image_dir / "bad.jsonl", [good_row("imgs/missing.png"), "{oops"])
+    with pytest.raises(ValueError, match="image_file_not_found"):
+        load_examples(image_dir / "bad.jsonl")
+
+
+def test_unknown_extension(tmp_path):
+    (tmp_path / "data.csv").write_text("image,question,answer\n")
+    with pytest.raises(ValueError, match="extension"):
+        load_examples(tmp_path / "data.csv")
