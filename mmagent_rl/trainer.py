@@ -87,7 +87,7 @@ class Trainer:
             return
         env = {"VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"),
                "TOKENIZERS_PARALLELISM": "false"}
-        for k in ("MMAGENT_RL_CACHE", "WANDB_MODE", "HF_HUB_OFFLINE"):
+        for k in ("MMAGENT_RL_CACHE", "WANDB_MODE", "HF_HUB_OFFLINE", "PYTHONPATH"):
             if k in os.environ:
                 env[k] = os.environ[k]
         ray.init(address=self.cfg.trainer.ray_address, num_cpus=self.cfg.trainer.ray_num_cpus,

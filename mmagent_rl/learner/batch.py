@@ -23,6 +23,8 @@ def mrope_positions(ids: list[int], grids: list[tuple[int, int, int]], image_tok
     n = len(ids)
     while i < n:
         if ids[i] == image_token_id:
+            if img >= len(grids):
+                raise ValueError(f"more image pad runs in the ids than the {len(grids)} images")
             t, h, w = grids[img]
             h, w = h // merge_size, w // merge_size
             run = t * h * w

@@ -15,6 +15,7 @@ from PIL import Image
 
 from mmagent_rl.data.example import Example
 from mmagent_rl.rollout.chat import BANNED_LOGIT_BIAS, ChatFormat, collapse_image_runs
+from mmagent_rl.rollout.engine import Generation
 from mmagent_rl.tools.parse import find_tool_call, has_unterminated_call, parse_tool_call
 from mmagent_rl.tools.zoom import run_tool
 from mmagent_rl.trajectory import ToolCall, Trajectory
@@ -61,8 +62,13 @@ class AgentLoop:
         self.cfg = cfg
 
     # ---- entry points ---------------------------------------------------------------
-    def run(self, examples: list[Example], n: int, seed: int = 0) -> list[Trajectory]:
-        """n rollouts per example; rollouts of one example share its prompt_id."""
+    def run(self, examples: list[Example], n: int, seed: int = 0,
+            scripted_turns: list[str] | None = None) -> list[Trajectory]:
+        """n rollouts per example; rollouts of one example share its prompt_id.
+
+        ``scripted_turns`` (tests, demonstrations, forced tool calls): the first
+        assistant turns are these texts instead of samples. They go through the same
+        tool handling, with loss mask 0 since the policy did not sample them."""
         states = []
         for ex in examples:
             prompt = self.chat.prompt_ids(ex.image, ex.question)
@@ -70,7 +76,7 @@ class AgentLoop:
                 states.append(_State(ex, k, list(prompt), [0] * len(prompt),
                                      [0.0] * len(prompt), [ex.image], len(prompt),
                                      prompt_id=ex.id))
-        return self._loop(states, seed)
+        return self._loop(states, seed, scripted_turns or [])
 
     def continue_from(self, prefixes: list[Trajectory], examples: list[Example], k: int,
                       seed: int = 0) -> list[Trajectory]:
@@ -87,9 +93,15 @@ class AgentLoop:
         return self._loop(states, seed)
 
     # ---- the loop -------------------------------------------------------------------
-    def _loop(self, states: list[_State], seed: int) -> list[Trajectory]:
+    def _loop(self, states: list[_State], seed: int,
+              scripted_turns: list[str] = ()) -> list[Trajectory]:
         cfg, chat = self.cfg, self.chat
         stops = [chat.tool_call_close_id, chat.im_end_id]
+        for text in scripted_turns:
+            ids = chat.encode(text)
+            stop = ids[-1] if ids and ids[-1] in stops else None
+            for s in [s for s in states if not s.done]:
+                self._advance(s, Generation(ids, [0.0] * len(ids), "stop", stop), sampled=False)
         while True:
             active = [s for s in states if not s.done]
             if not active:
@@ -112,10 +124,10 @@ class AgentLoop:
                 self._advance(s, g)
         return [self._to_trajectory(s) for s in states]
 
-    def _advance(self, s: _State, g) -> None:
+    def _advance(self, s: _State, g: Generation, sampled: bool = True) -> None:
         cfg, chat = self.cfg, self.chat
         s.ids += g.token_ids
-        s.mask += [1] * len(g.token_ids)
+        s.mask += [int(sampled)] * len(g.token_ids)
         s.logprobs += g.logprobs
         text = chat.decode(g.token_ids)
         s.texts.append(text)

@@ -1,0 +1,162 @@
+"""The real vLLM engine and the learner's HF forward on the same trajectories."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from mmagent_rl.learner.batch import collate, mrope_positions
+from mmagent_rl.learner.policy import load_policy, token_logprobs
+from mmagent_rl.learner.sync import export_hf_state
+from mmagent_rl.rollout.agent_loop import AgentConfig, AgentLoop
+from mmagent_rl.rollout.chat import collapse_image_runs
+from mmagent_rl.rollout.engine import WeightPushError
+
+VALID_CALL = ('I need a closer look.<tool_call>{"name": "image_zoom_in_tool", "arguments": '
+              '{"bbox_2d": [%d, %d, %d, %d], "label": "a small square"}}</tool_call>')
+
+
+@pytest.fixture(scope="module")
+def policy(tiny_model_path):
+    return load_policy(tiny_model_path).eval()
+
+
+def _learner_logprobs(policy, chat, trajs):
+    batch = collate(trajs, chat.image_processor, chat.image_token_id, chat.pad_id)
+    with torch.no_grad():
+        lp, _ = token_logprobs(policy, batch, banned_ids=chat.banned_ids)
+    return batch, lp
+
+
+def test_engine_and_learner_logprobs_agree_on_multiturn_with_crop(engine, chat, policy,
+                                                                  examples):
+    loop = AgentLoop(engine, chat, AgentConfig(max_new_tokens=24, max_turns=3))
+    ex = examples[0]
+    trajs = loop.run([ex, examples[1]], n=2, seed=3,
+                     scripted_turns=[VALID_CALL % ex.target_box])
+    forced = [t for t in trajs if t.meta["example_id"] == ex.id]
+    # the scripted call really ran: an observation with the crop, then sampled tokens
+    assert all(len(t.images) == 2 and t.tool_calls[0].ok for t in forced)
+    assert all(t.num_generated > 0 for t in trajs)
+    batch, lp = _learner_logprobs(policy, chat, trajs)
+    diff = ((lp - batch.old_logprobs).abs() * batch.loss_mask).max().item()
+    assert batch.num_tokens > 40
+    assert diff < 1e-4, diff
+
+
+def test_mrope_positions_match_hf_rope_index(policy, chat, examples):
+    from PIL import Image
+
+    crop = Image.new("RGB", (112, 84), (255, 0, 0))
+    ids = chat.prompt_ids(examples[0].image, "q") + chat.encode("look") \
+        + chat.observation_ids(crop, None) + chat.encode("ok")
+    grids = [chat.image_grid(examples[0].image), chat.image_grid(crop)]
+    ours = mrope_positions(ids, grids, chat.image_token_id, chat.merge_size)
+    t = torch.tensor([ids])
+    hf, _ = policy.model.get_rope_index(
+        t, mm_token_type_ids=(t == chat.image_token_id).int(),
+        image_grid_thw=torch.tensor(grids), attention_mask=torch.ones_like(t))
+    assert torch.equal(ours, hf[:, 0])
+    with pytest.raises(ValueError):
+        mrope_positions(ids, grids[:1], chat.image_token_id, chat.merge_size)
+
+
+def test_collapse_image_runs_keeps_one_pad_per_image(chat, examples):
+    ids = chat.prompt_ids(examples[0].image, "q")
+    short = collapse_image_runs(ids, chat.image_token_id)
+    assert short.count(chat.image_token_id) == 1
+    assert len(ids) - len(short) == chat.num_image_tokens(examples[0].image) - 1
+
+
+@pytest.mark.parametrize("bad_call, expect", [
+    ("<tool_call>{not json}</tool_call>", "Error"),
+    ('<tool_call>{"name": "rotate", "arguments": {"bbox_2d": [0, 0, 9, 9]}}</tool_call>',
+     "Error"),
+    ('<tool_call>{"name": "image_zoom_in_tool", "arguments": {"bbox_2d": '
+     '[2000, 2000, 3000, 3000]}}</tool_call>', "outside"),
+    ('<tool_call>{"name": "image_zoom_in_tool", "arguments": {"bbox_2d": '
+     '[500, 500, 100, 100]}}</tool_call>', "Error"),
+    ('<tool_call>{"name": "image_zoom_in_tool", "arguments": {"bbox_2d": '
+     '[100, 100, 100, 300]}}</tool_call>', "Error"),
+    ('<tool_call>{"name": "image_zoom_in_tool", "arguments": {"bbox_2d": '
+     '["a", 1, 2, 3]}}</tool_call>', "Error"),
+])
+def test_bad_tool_calls_become_error_observations_and_the_loop_goes_on(
+        engine, chat, examples, bad_call, expect):
+    loop = AgentLoop(engine, chat, AgentConfig(max_new_tokens=8, max_turns=3))
+    (t,) = loop.run([examples[2]], n=1, seed=0, scripted_turns=["hmm" + bad_call])
+    call = t.tool_calls[0]
+    assert not call.ok and expect in call.error
+    assert len(t.images) == 1  # no crop was added
+    obs_text = chat.decode(t.token_ids[t.prompt_len:])
+    assert call.error in obs_text  # the model sees the error
+    assert t.meta["turns"] >= 2 and t.num_generated > 0  # and generation continued
+
+
+def test_trajectories_are_capped_by_max_turns_and_tokens(engine, chat, examples):
+    ex = examples[3]
+    call = VALID_CALL % ex.target_box
+    loop = AgentLoop(engine, chat, AgentConfig(max_new_tokens=8, max_turns=2))
+    (t,) = loop.run([ex], n=1, seed=0, scripted_turns=[call, call])
+    assert t.finish_reason == "max_turns" and t.meta["turns"] == 2 and t.num_generated == 0
+    loop = AgentLoop(engine, chat, AgentConfig(max_new_tokens=64, max_total_tokens=260))
+    (t,) = loop.run([ex], n=1, seed=0)
+    assert len(t.token_ids) <= 260 and t.finish_reason in ("max_tokens", "eos")
+
+
+def _greedy(engine, chat, ex):
+    ids = collapse_image_runs(chat.prompt_ids(ex.image, ex.question), chat.image_token_id)
+    (g,) = engine.generate([(ids, [ex.image])], max_tokens=[12], temperature=0.0)
+    return g.token_ids
+
+
+def test_weight_sync_changes_what_the_engine_serves_and_restores(engine, chat, policy,
+                                                                 examples):
+    ex = examples[4]
+    before = _greedy(engine, chat, ex)
+    original = export_hf_state(policy)
+    changed = [(k, v + 0.05 * torch.randn_like(v) if v.ndim == 2 else v)
+               for k, v in original]
+    engine.load_weights(changed)
+    after = _greedy(engine, chat, ex)
+    assert after != before
+    engine.load_weights(original)
+    assert _greedy(engine, chat, ex) == before
+
+
+def test_bad_weight_push_is_refused_before_touching_the_engine(engine, chat, policy,
+                                                               examples):
+    ex = examples[5]
+    before = _greedy(engine, chat, ex)
+    named = export_hf_state(policy)
+    wrong_shape = [(k, v[:-1] if i == 0 else v) for i, (k, v) in enumerate(named)]
+    with pytest.raises(WeightPushError, match="shape"):
+        engine.load_weights(wrong_shape)
+    with pytest.raises(WeightPushError, match="unknown"):
+        engine.load_weights(named + [("model.not_a_param", torch.zeros(1))])
+    nan = [(k, torch.full_like(v, float("nan")) if i == 1 else v)
+           for i, (k, v) in enumerate(named)]
+    with pytest.raises(WeightPushError, match="non-finite"):
+        engine.load_weights(nan)
+    assert _greedy(engine, chat, ex) == before  # the engine still serves, unchanged
+
+
+def test_tiny_model_is_reproducible_and_loads_everywhere(tmp_path, tiny_model_path):
+    from safetensors.torch import load_file
+    from transformers import AutoProcessor
+
+    from mmagent_rl.models.tiny import TinySpec, build_tiny_model
+
+    a = build_tiny_model(tmp_path / "a", TinySpec(seed=0))
+    b = build_tiny_model(tmp_path / "b", TinySpec(seed=0))
+    c = build_tiny_model(tmp_path / "c", TinySpec(seed=1))
+    wa, wb, wc = (load_file(p / "model.safetensors") for p in (a, b, c))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert any(not torch.equal(wa[k], wc[k]) for k in wa)
+    assert (a / "tokenizer.json").read_text() == (b / "tokenizer.json").read_text()
+    proc = AutoProcessor.from_pretrained(a)
+    for tok in ("<tool_call>", "</tool_call>", "<|image_pad|>", "<|im_end|>"):
+        assert len(proc.tokenizer.encode(tok, add_special_tokens=False)) == 1
+    cfg = json.loads((a / "config.json").read_text())
+    assert cfg["text_config"]["hidden_size"] == 256 and cfg["vision_config"]["depth"] == 2
