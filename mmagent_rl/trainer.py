@@ -116,7 +116,7 @@ class Trainer:
             zero_stage=L.zero_stage, lr=L.lr, weight_decay=L.weight_decay, betas=list(L.betas),
             grad_clip=L.grad_clip, micro_batch_size=L.micro_batch_size, algo=c.algo.grpo,
             temperature=c.rollout.agent.temperature, torch_threads=L.torch_threads,
-            seed=c.trainer.seed, system_prompt=c.model.system_prompt)
+            seed=c.trainer.seed, system_prompt=c.model.system_prompt, dtype=c.model.dtype)
             for r in range(L.num_workers)]
         self._get([a.ping.remote() for a in self.rollouts])
         self._get([a.config.remote() for a in self.learners])
@@ -148,6 +148,7 @@ class Trainer:
 
         t0 = time.perf_counter()
         trajs = self._get(self.reward.score.remote(trajs))
+        self.last_trajectories = trajs  # for benchmarks and debugging
         t_score = time.perf_counter() - t0
 
         adv = algos.grpo_advantages(trajs, c.algo.grpo)

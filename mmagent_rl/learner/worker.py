@@ -46,7 +46,8 @@ class Learner:
                  zero_stage: int = 2, lr: float = 1e-5, weight_decay: float = 0.0,
                  betas=(0.9, 0.999), grad_clip: float = 1.0, micro_batch_size: int = 4,
                  algo: GRPOConfig = GRPOConfig(), temperature: float = 1.0,
-                 torch_threads: int = 1, seed: int = 0, system_prompt: str | None = None):
+                 torch_threads: int = 1, seed: int = 0, system_prompt: str | None = None,
+                 dtype: str = "float32"):
         import deepspeed
 
         torch.set_num_threads(torch_threads)
@@ -59,7 +60,7 @@ class Learner:
         self.temperature = temperature
         self.micro_batch_size = micro_batch_size
         self.zero_stage = zero_stage
-        model = load_policy(model_path)
+        model = load_policy(model_path, dtype)
         model.train()
         optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=tuple(betas),
                                       weight_decay=weight_decay)
@@ -75,7 +76,7 @@ class Learner:
                                                config=ds_config)
         self.ref = None
         if algo.kl_beta > 0:  # beta 0 = no reference model is loaded at all
-            self.ref = load_policy(model_path).eval().requires_grad_(False)
+            self.ref = load_policy(model_path, dtype).eval().requires_grad_(False)
         self.step_count = 0
 
     # ---- training ------------------------------------------------------------------

@@ -102,6 +102,7 @@ class VLLMEngine:
         self, requests: list[tuple[list[int], list[Image.Image]]], *, max_tokens: list[int],
         temperature: float = 1.0, top_p: float = 1.0, stop_token_ids: list[int] | None = None,
         seeds: list[int | None] | None = None, logit_bias: dict[int, float] | None = None,
+        ignore_eos: bool = False,
     ) -> list[Generation]:
         """One call for every request of this turn: vLLM batches them together."""
         from vllm import SamplingParams
@@ -117,7 +118,8 @@ class VLLMEngine:
                 max_tokens=max(1, max_tokens[i]), temperature=temperature, top_p=top_p,
                 logprobs=0, stop_token_ids=stop_token_ids, skip_special_tokens=False,
                 seed=None if seeds is None else seeds[i], detokenize=False,
-                logit_bias=logit_bias,
+                logit_bias=logit_bias, ignore_eos=ignore_eos,
+                min_tokens=max(1, max_tokens[i]) if ignore_eos else 0,
             ))
         outs = self.llm.generate(prompts, params, use_tqdm=False)
         result = []

@@ -1,0 +1,119 @@
+"""Time per phase of a GRPO step on a fixed workload, and the framework's overhead.
+
+    python bench/step_breakdown.py [--steps 4] [--prompts 4] [--n 4] [--tokens 64]
+
+Runs the real trainer (Ray, vLLM, DeepSpeed, 1 learner, tiny model), then, in the same
+run, the pure engine generation of the same number of tokens for the same prompts
+(one vLLM call, no agent loop) and the pure learner forward/backward on the same
+trajectories (plain torch, no DeepSpeed, no collation). Last line: one JSON object.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--prompts", type=int, default=4)
+    ap.add_argument("--n", type=int, default=4)
+    ap.add_argument("--tokens", type=int, default=64)
+    a = ap.parse_args()
+
+    import torch
+    from omegaconf import OmegaConf
+
+    from mmagent_rl.config import Config
+    from mmagent_rl.trainer import Trainer
+
+    cfg = OmegaConf.structured(Config)
+    cfg.algo.name = "grpo"
+    cfg.trainer.total_steps = a.warmup + a.steps
+    cfg.trainer.prompts_per_step = a.prompts
+    cfg.trainer.save_final = False
+    cfg.trainer.progress = False
+    cfg.rollout.n = a.n
+    cfg.rollout.agent.max_new_tokens = a.tokens
+    cfg.learner.num_workers = 1
+    cfg.logger.jsonl = False
+    cfg.reward.fn = "reward_plugins:shortness_reward"  # non-zero gradients on a random model
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+    os.environ["PYTHONPATH"] = os.pathsep.join(sys.path)
+    trainer = Trainer(cfg, "/tmp/mmagent_bench_step")
+    rows = [trainer.train_step() for _ in range(a.warmup + a.steps)][a.warmup:]
+    trajs = trainer.last_trajectories
+    trainer.shutdown()
+    import ray
+
+    ray.shutdown()
+
+    def med(k):
+        return statistics.median(r[k] for r in rows)
+
+    phases = {k: med(k) for k in ("time/step", "time/generate", "time/score", "time/learn",
+                                  "time/sync")}
+
+    # ---- pure engine: same prompts, same token counts, one call ----
+    torch.set_num_threads(1)
+    from mmagent_rl.learner.batch import collate
+    from mmagent_rl.learner.policy import load_policy, token_logprobs
+    from mmagent_rl.rollout.chat import ChatFormat, collapse_image_runs
+    from mmagent_rl.rollout.engine import EngineConfig, VLLMEngine
+
+    path = trainer.model_path
+    chat = ChatFormat.from_pretrained(path)
+    eng = VLLMEngine(path, EngineConfig(max_model_len=4096))
+    reqs = [(collapse_image_runs(t.token_ids[:t.prompt_len], chat.image_token_id), t.images[:1])
+            for t in trajs]
+    counts = [max(1, t.num_generated) for t in trajs]
+    eng.generate(reqs, max_tokens=counts, ignore_eos=True)  # warm-up
+    gen_times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        eng.generate(reqs, max_tokens=counts, ignore_eos=True)
+        gen_times.append(time.perf_counter() - t0)
+    pure_gen = statistics.median(gen_times)
+
+    # ---- pure learner: forward + backward of the same trajectories ----
+    model = load_policy(path).train()
+    mbs = 4
+    batches = [collate(trajs[i:i + mbs], chat.image_processor, chat.image_token_id, chat.pad_id)
+               for i in range(0, len(trajs), mbs)]
+    learn_times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        for b in batches:
+            lp, _ = token_logprobs(model, b, banned_ids=chat.banned_ids)
+            (-(lp * b.loss_mask).sum() / max(1, b.num_tokens)).backward()
+        learn_times.append(time.perf_counter() - t0)
+    pure_learn = statistics.median(learn_times)
+
+    ratio = phases["time/step"] / (pure_gen + pure_learn)
+    print("phase            seconds (median of %d steps)" % a.steps)
+    for k, v in phases.items():
+        print(f"{k:16s} {v:8.3f}  ({100 * v / phases['time/step']:.0f}% of step)")
+    print(f"pure generate    {pure_gen:8.3f}")
+    print(f"pure learner     {pure_learn:8.3f}")
+    print(f"overhead ratio   {ratio:8.3f}  (step / (pure generate + pure learner))")
+    print(json.dumps({
+        "workload": {"prompts": a.prompts, "n": a.n, "max_new_tokens": a.tokens,
+                     "generated_tokens": sum(counts), "learners": 1},
+        **{k.replace("/", "_"): round(v, 4) for k, v in phases.items()},
+        "pure_generate_s": round(pure_gen, 4), "pure_learner_s": round(pure_learn, 4),
+        "overhead_ratio": round(ratio, 3),
+    }))
+
+
+if __name__ == "__main__":
+    main()
