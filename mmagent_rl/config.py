@@ -25,6 +25,7 @@ class ModelConfig:
     # A local folder (or hub name on machines with a hub). None = build the tiny model.
     path: Optional[str] = None
     tiny_seed: int = 0
+    tiny_family: str = "qwen2_5_vl"  # or qwen3_vl
     dtype: str = "float32"
     system_prompt: Optional[str] = None  # None = the default tool prompt
 

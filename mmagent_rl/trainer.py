@@ -27,7 +27,8 @@ def resolve_model_path(cfg: Config) -> str:
         return cfg.model.path
     from mmagent_rl.models.tiny import TinySpec, ensure_tiny_model
 
-    return str(ensure_tiny_model(TinySpec(seed=cfg.model.tiny_seed)))
+    return str(ensure_tiny_model(TinySpec(family=cfg.model.tiny_family,
+                                         seed=cfg.model.tiny_seed)))
 
 
 def make_dataset(cfg: Config, split: str = "train"):

@@ -45,6 +45,36 @@ def test_engine_and_learner_logprobs_agree_on_multiturn_with_crop(engine, chat, 
     assert diff < 1e-4, diff
 
 
+def _qwen3_rollout_logprob_gap(example) -> tuple[int, float]:
+    """In a fresh process: vLLM keeps one engine's parallel state per process."""
+    torch.set_num_threads(1)
+    from mmagent_rl.models.tiny import TinySpec, ensure_tiny_model
+    from mmagent_rl.rollout.chat import ChatFormat
+    from mmagent_rl.rollout.engine import EngineConfig, VLLMEngine
+
+    path = str(ensure_tiny_model(TinySpec(family="qwen3_vl")))
+    eng = VLLMEngine(path, EngineConfig(max_model_len=2048))
+    chat3 = ChatFormat.from_pretrained(path)
+    loop = AgentLoop(eng, chat3, AgentConfig(max_new_tokens=16, max_turns=3))
+    trajs = loop.run([example], n=2, seed=1,
+                     scripted_turns=[VALID_CALL % example.target_box])
+    batch, lp = _learner_logprobs(load_policy(path).eval(), chat3, trajs)
+    gap = ((lp - batch.old_logprobs).abs() * batch.loss_mask).max().item()
+    return min(len(t.images) for t in trajs), gap
+
+
+def test_tiny_qwen3_vl_variant_runs_on_vllm_and_agrees_with_learner(examples):
+    """The same rollout/learner code on the Qwen3-VL architecture (patch 16,
+    interleaved mRoPE, deepstack): a real engine, a multi-turn rollout with a crop."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as pool:
+        n_images, gap = pool.submit(_qwen3_rollout_logprob_gap, examples[6]).result(timeout=600)
+    assert n_images == 2
+    assert gap < 1e-4, gap
+
+
 def test_mrope_positions_match_hf_rope_index(policy, chat, examples):
     from PIL import Image
 

@@ -145,6 +145,40 @@ def _build_config(spec: TinySpec, tok):
     return cfg
 
 
+def _build_qwen3_config(spec: TinySpec, tok):
+    from transformers import Qwen3VLConfig
+
+    head_dim = spec.hidden_size // spec.num_heads
+    half = head_dim // 2  # interleaved mrope; Qwen3-VL's [24, 20, 20] scaled to half
+    h = w = (half * 5 // 16)
+    mrope = [half - h - w, h, w]
+    ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    text = dict(
+        vocab_size=len(tok), hidden_size=spec.hidden_size, head_dim=head_dim,
+        intermediate_size=spec.intermediate_size, num_hidden_layers=spec.num_layers,
+        num_attention_heads=spec.num_heads, num_key_value_heads=spec.num_kv_heads,
+        max_position_embeddings=spec.max_position_embeddings, rms_norm_eps=1e-6,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                         "mrope_section": mrope, "mrope_interleaved": True},
+        bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
+        pad_token_id=ids["<|endoftext|>"], tie_word_embeddings=True,
+    )
+    vision = dict(
+        depth=spec.vision_depth, hidden_size=spec.vision_hidden,
+        intermediate_size=spec.vision_intermediate, num_heads=spec.vision_heads,
+        out_hidden_size=spec.hidden_size, patch_size=16, spatial_merge_size=2,
+        temporal_patch_size=2, num_position_embeddings=256,
+        deepstack_visual_indexes=[spec.vision_depth - 1],
+    )
+    cfg = Qwen3VLConfig(
+        text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=True,
+    )
+    cfg.architectures = ["Qwen3VLForConditionalGeneration"]
+    return cfg
+
+
 def build_tiny_model(out_dir: str | os.PathLike, spec: TinySpec = TinySpec()) -> Path:
     """Write the model folder (tokenizer, processor, config, random weights)."""
     import torch
@@ -158,21 +192,34 @@ def build_tiny_model(out_dir: str | os.PathLike, spec: TinySpec = TinySpec()) ->
         Qwen2VLVideoProcessor,
     )
 
-    if spec.family != "qwen2_5_vl":
-        raise ValueError(f"unknown tiny family {spec.family!r}; valid: ['qwen2_5_vl']")
+    families = ("qwen2_5_vl", "qwen3_vl")
+    if spec.family not in families:
+        raise ValueError(f"unknown tiny family {spec.family!r}; valid: {list(families)}")
+    qwen3 = spec.family == "qwen3_vl"
+    patch = 16 if qwen3 else 14
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tok = _build_tokenizer(spec)
-    image_proc = Qwen2VLImageProcessorPil(min_pixels=spec.min_pixels,
-                                          max_pixels=spec.max_pixels)
-    video_proc = Qwen2VLVideoProcessor(min_pixels=spec.min_pixels,
-                                       max_pixels=spec.max_pixels)
-    proc = Qwen2_5_VLProcessor(image_processor=image_proc, tokenizer=tok,
-                               video_processor=video_proc, chat_template=CHAT_TEMPLATE)
+    pixels = dict(min_pixels=spec.min_pixels, max_pixels=spec.max_pixels, patch_size=patch)
+    image_proc = Qwen2VLImageProcessorPil(**pixels)
+    if qwen3:
+        from transformers import Qwen3VLForConditionalGeneration, Qwen3VLProcessor
+        from transformers.models.qwen3_vl.video_processing_qwen3_vl import (
+            Qwen3VLVideoProcessor,
+        )
+
+        proc = Qwen3VLProcessor(image_processor=image_proc, tokenizer=tok,
+                                video_processor=Qwen3VLVideoProcessor(patch_size=patch),
+                                chat_template=CHAT_TEMPLATE)
+        cfg, model_cls = _build_qwen3_config(spec, tok), Qwen3VLForConditionalGeneration
+    else:
+        proc = Qwen2_5_VLProcessor(image_processor=image_proc, tokenizer=tok,
+                                   video_processor=Qwen2VLVideoProcessor(**pixels),
+                                   chat_template=CHAT_TEMPLATE)
+        cfg, model_cls = _build_config(spec, tok), Qwen2_5_VLForConditionalGeneration
     proc.save_pretrained(out)
-    cfg = _build_config(spec, tok)
     torch.manual_seed(spec.seed)
-    model = Qwen2_5_VLForConditionalGeneration(cfg).to(torch.float32)
+    model = model_cls(cfg).to(torch.float32)
     model.generation_config = GenerationConfig(
         eos_token_id=cfg.text_config.eos_token_id, pad_token_id=cfg.text_config.pad_token_id
     )
