@@ -6,10 +6,9 @@ them, so an unknown key or a wrong type fails at start, before any actor exists.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
 
 from mmagent_rl.algos.grpo import GRPOConfig
 from mmagent_rl.data.synthetic import SyntheticConfig
@@ -76,7 +75,7 @@ class LearnerConfig:
 
 @dataclass
 class AlgoConfig:
-    name: str = MISSING  # chosen with +algo=grpo|mapo|papo|axpo
+    name: str = ""  # no default: chosen with +algo=grpo (launch refuses to start without)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
 
 
@@ -98,6 +97,17 @@ class TrainerConfig:
 
 
 @dataclass
+class EvalConfig:
+    checkpoint: Optional[str] = None  # None = the model the config names
+    n_samples: int = 4  # per example
+    k: int = 4  # pass@k
+    temperature: float = 1.0
+    max_examples: Optional[int] = None  # None = data.eval_size
+    seed: int = 1234
+    torch_threads: int = 2
+
+
+@dataclass
 class LoggerConfig:
     jsonl: bool = True
     wandb: bool = False
@@ -115,7 +125,7 @@ class Config:
     sync: SyncConfig = field(default_factory=SyncConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
-    extra: dict[str, Any] = field(default_factory=dict)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 def register() -> None:

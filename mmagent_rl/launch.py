@@ -21,7 +21,7 @@ log = logging.getLogger("mmagent_rl")
 def run(cfg: DictConfig, run_dir: str) -> list[dict]:
     from mmagent_rl.trainer import Trainer
 
-    if OmegaConf.select(cfg, "algo.name", default=None) in (None, "???"):
+    if not OmegaConf.select(cfg, "algo.name", default=None):
         raise SystemExit("choose an algorithm: +algo=grpo (valid: grpo)")
     trainer = Trainer(cfg, run_dir)
     try:

@@ -35,8 +35,11 @@ def make_dataset(cfg: Config, split: str = "train"):
     if cfg.data.kind == "synthetic":
         from mmagent_rl.data.synthetic import SyntheticDataset
 
-        size = cfg.data.train_size if split == "train" else cfg.data.eval_size
-        return SyntheticDataset(cfg.data.synthetic, seed=cfg.data.seed, size=size, split=split)
+        if split == "train":
+            return SyntheticDataset(cfg.data.synthetic, seed=cfg.data.seed,
+                                    size=cfg.data.train_size, split="train")
+        return SyntheticDataset(cfg.data.synthetic, seed=cfg.data.seed,
+                                size=cfg.data.eval_size, split="test")  # held out
     from mmagent_rl.data.datasets import load_examples
 
     path = cfg.data.path if split == "train" else (cfg.data.eval_path or cfg.data.path)

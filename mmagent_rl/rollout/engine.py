@@ -40,6 +40,7 @@ def _engine_env() -> None:
     # In-process engine: weights can be reloaded in place and Ray owns the process.
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 
 
 def checkpoint_shapes(model_path: str | os.PathLike) -> dict[str, tuple[int, ...]]:

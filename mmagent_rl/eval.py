@@ -1,0 +1,131 @@
+"""pass@1 / pass@k and tool-use figures on a held-out split, for any checkpoint.
+
+    python -m mmagent_rl.eval [eval.checkpoint=DIR] [eval.n_samples=4 eval.k=4]
+                              [hydra.run.dir=...]
+
+With no checkpoint it evaluates the model the config names (the embedded agent by
+default). Prints a table and writes ``eval.json`` in the run directory.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from statistics import mean
+
+from mmagent_rl.tools.zoom import is_valid_box
+from mmagent_rl.trajectory import Trajectory, group_by_prompt
+
+log = logging.getLogger(__name__)
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased estimator 1 - C(n-c, k) / C(n, k) (n samples, c correct)."""
+    if k > n:
+        raise ValueError(f"k={k} > n={n} samples")
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def box_contains(box, target) -> bool:
+    return (box[0] <= target[0] and box[1] <= target[1]
+            and box[2] >= target[2] and box[3] >= target[3])
+
+
+def summarize(trajs: list[Trajectory], k: int) -> dict:
+    """The eval.json figures from scored trajectories (n per example)."""
+    groups = group_by_prompt(trajs)
+    calls = [(t, c) for t in trajs for c in t.tool_calls]
+    valid = [c.bbox is not None and is_valid_box(c.bbox, *t.meta["image_size"])
+             for t, c in calls]
+    with_target = [(t, c) for t, c in calls if t.meta.get("target_box") and c.bbox is not None
+                   and is_valid_box(c.bbox, *t.meta["image_size"])]
+    hits = [box_contains(c.bbox, t.meta["target_box"]) for t, c in with_target]
+    n_with_target = sum(1 for t, _ in calls if t.meta.get("target_box"))
+    tool, no_tool = [t for t in trajs if t.used_tool], [t for t in trajs if not t.used_tool]
+    n = min(len(g) for g in groups.values())
+    return {
+        "n_examples": len(groups),
+        "n_samples": n,
+        "accuracy": mean(float(t.correct) for t in trajs),
+        "pass@1": mean(pass_at_k(len(g), sum(t.correct for t in g), 1) for g in groups.values()),
+        "pass@k": mean(pass_at_k(len(g), sum(t.correct for t in g), min(k, len(g)))
+                       for g in groups.values()),
+        "k": min(k, n),
+        "tool_call_rate": len(tool) / len(trajs),
+        "format_rate": float(mean(valid)) if valid else 0.0,
+        "box_hit_rate": (sum(hits) / n_with_target) if n_with_target else 0.0,
+        "accuracy_with_tool": mean(float(t.correct) for t in tool) if tool else 0.0,
+        "accuracy_without_tool": mean(float(t.correct) for t in no_tool) if no_tool else 0.0,
+        "answer_rate": mean(t.reward_info.get("has_answer", 0.0) for t in trajs),
+        "mean_turns": mean(int(t.meta.get("turns", 0)) for t in trajs),
+    }
+
+
+def evaluate(model_path: str, examples, *, n_samples: int, k: int, temperature: float,
+             agent_cfg, engine_cfg, reward_fn: str, seed: int = 0,
+             system_prompt: str | None = None) -> tuple[dict, list[Trajectory]]:
+    from mmagent_rl.reward.worker import RewardScorer
+    from mmagent_rl.rollout.agent_loop import AgentLoop
+    from mmagent_rl.rollout.chat import ChatFormat
+    from mmagent_rl.rollout.engine import VLLMEngine
+
+    agent_cfg.temperature = temperature
+    engine = VLLMEngine(model_path, engine_cfg)
+    loop = AgentLoop(engine, ChatFormat.from_pretrained(model_path, system_prompt), agent_cfg)
+    trajs = loop.run(list(examples), n=n_samples, seed=seed)
+    RewardScorer(reward_fn).score(trajs)
+    return summarize(trajs, k), trajs
+
+
+def print_table(result: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="eval")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, v in result.items():
+        table.add_row(key, f"{v:.4f}" if isinstance(v, float) else str(v))
+    Console().print(table)
+
+
+def main() -> None:
+    import hydra
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    from mmagent_rl.config import register
+
+    register()
+
+    @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+    def _run(cfg) -> None:
+        import torch
+
+        from mmagent_rl.trainer import make_dataset, resolve_model_path
+
+        c = OmegaConf.to_object(cfg)
+        torch.set_num_threads(c.eval.torch_threads)
+        run_dir = HydraConfig.get().runtime.output_dir
+        path = c.eval.checkpoint or resolve_model_path(c)
+        examples = make_dataset(c, "eval")
+        if c.eval.max_examples:
+            examples = [examples[i] for i in range(min(c.eval.max_examples, len(examples)))]
+        result, _ = evaluate(
+            path, examples, n_samples=c.eval.n_samples, k=c.eval.k,
+            temperature=c.eval.temperature, agent_cfg=c.rollout.agent,
+            engine_cfg=c.rollout.engine, reward_fn=c.reward.fn, seed=c.eval.seed,
+            system_prompt=c.model.system_prompt)
+        result["checkpoint"] = path
+        print_table(result)
+        with open(os.path.join(run_dir, "eval.json"), "w") as f:
+            json.dump(result, f, indent=1)
+
+    _run()
+
+
+if __name__ == "__main__":
+    main()
