@@ -11,6 +11,7 @@ from typing import Optional
 from hydra.core.config_store import ConfigStore
 
 from mmagent_rl.algos.grpo import GRPOConfig
+from mmagent_rl.data.demos import DemoConfig
 from mmagent_rl.data.synthetic import SyntheticConfig
 from mmagent_rl.rollout.agent_loop import AgentConfig
 from mmagent_rl.rollout.engine import EngineConfig
@@ -71,6 +72,9 @@ class LearnerConfig:
     grad_clip: float = 1.0
     micro_batch_size: int = 4
     torch_threads: int = 1
+    lr_schedule: str = "constant"  # constant | cosine (after warm-up)
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1
 
 
 @dataclass
@@ -94,6 +98,16 @@ class TrainerConfig:
     ray_address: Optional[str] = None  # None = start a local Ray
     ray_num_cpus: Optional[float] = None
     step_timeout_s: float = 1800.0
+
+
+@dataclass
+class SFTConfig:
+    data_path: Optional[str] = None  # jsonl of demonstration rows; None = generated demos
+    steps: int = 200
+    batch_size: int = 16  # demonstrations per optimizer step (global)
+    lr: float = 2e-3
+    seed: int = 0
+    demo: DemoConfig = field(default_factory=DemoConfig)
 
 
 @dataclass
@@ -126,6 +140,7 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
 
 
 def register() -> None:
@@ -133,15 +148,23 @@ def register() -> None:
     cs.store(name="base_config", node=Config)
 
 
+def _choice(key: str, value, valid) -> None:
+    if value not in valid:
+        raise ValueError(f"{key}={value!r} is not valid; valid choices: {list(valid)}")
+
+
 def validate(cfg: Config) -> None:
     """Checks that types alone cannot express; fails before any actor starts."""
-    def choice(key: str, value, valid) -> None:
-        if value not in valid:
-            raise ValueError(f"{key}={value!r} is not valid; valid choices: {list(valid)}")
+    _choice("algo.name", cfg.algo.name, ALGORITHMS)
+    validate_common(cfg)
 
-    choice("algo.name", cfg.algo.name, ALGORITHMS)
+
+def validate_common(cfg: Config) -> None:
+    """What every entry point (RL, SFT, eval) needs to hold."""
+    choice = _choice
     choice("data.kind", cfg.data.kind, ("synthetic", "file"))
     choice("learner.zero_stage", cfg.learner.zero_stage, (0, 1, 2, 3))
+    choice("learner.lr_schedule", cfg.learner.lr_schedule, ("constant", "cosine"))
     from mmagent_rl.learner.sync import check_backend
 
     check_backend(cfg.sync.backend)

@@ -68,6 +68,40 @@ def shard_for_learners(trajs: list[Trajectory], world: int) -> list[list[Traject
     return [padded[i * k:(i + 1) * k] for i in range(world)]
 
 
+def start_ray(cfg: Config) -> None:
+    """A local Ray (or the cluster at trainer.ray_address) whose workers see our env."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    env = {"VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"),
+           "TOKENIZERS_PARALLELISM": "false"}
+    for k in ("MMAGENT_RL_CACHE", "WANDB_MODE", "HF_HUB_OFFLINE", "PYTHONPATH"):
+        if k in os.environ:
+            env[k] = os.environ[k]
+    ray.init(address=cfg.trainer.ray_address, num_cpus=cfg.trainer.ray_num_cpus,
+             include_dashboard=False, runtime_env={"env_vars": env},
+             log_to_driver=True, configure_logging=False)
+
+
+def start_learners(cfg: Config, model_path: str, *, algo, total_steps: int, lr=None):
+    """The DeepSpeed data-parallel group as Ray actors (rank 0 first)."""
+    from mmagent_rl.learner.worker import make_learner_actor
+
+    L = cfg.learner
+    Learner = make_learner_actor(L.num_cpus, L.num_gpus)
+    port = _free_port()
+    return [Learner.remote(
+        model_path, rank=r, world_size=L.num_workers, master_port=port,
+        zero_stage=L.zero_stage, lr=L.lr if lr is None else lr, weight_decay=L.weight_decay,
+        betas=list(L.betas), grad_clip=L.grad_clip, micro_batch_size=L.micro_batch_size,
+        algo=algo, temperature=cfg.rollout.agent.temperature, torch_threads=L.torch_threads,
+        seed=cfg.trainer.seed, system_prompt=cfg.model.system_prompt, dtype=cfg.model.dtype,
+        lr_schedule=L.lr_schedule, warmup_steps=L.warmup_steps, total_steps=total_steps,
+        min_lr_ratio=L.min_lr_ratio)
+        for r in range(L.num_workers)]
+
+
 class Trainer:
     def __init__(self, cfg: Config, run_dir: str):
         if OmegaConf.is_config(cfg):  # plain dataclasses from here on
@@ -79,29 +113,12 @@ class Trainer:
         self.dataset = make_dataset(cfg, "train")
         self.metrics_log = JsonlLogger(os.path.join(run_dir, "metrics.jsonl")) \
             if cfg.logger.jsonl else None
-        self._start_ray()
+        start_ray(cfg)
         self._start_actors()
         self.step = 0
 
     # ---- set-up --------------------------------------------------------------------
-    def _start_ray(self) -> None:
-        import ray
-
-        if ray.is_initialized():
-            return
-        env = {"VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"),
-               "TOKENIZERS_PARALLELISM": "false"}
-        for k in ("MMAGENT_RL_CACHE", "WANDB_MODE", "HF_HUB_OFFLINE", "PYTHONPATH"):
-            if k in os.environ:
-                env[k] = os.environ[k]
-        ray.init(address=self.cfg.trainer.ray_address, num_cpus=self.cfg.trainer.ray_num_cpus,
-                 include_dashboard=False, runtime_env={"env_vars": env},
-                 log_to_driver=True, configure_logging=False)
-
     def _start_actors(self) -> None:
-        import ray
-
-        from mmagent_rl.learner.worker import make_learner_actor
         from mmagent_rl.reward.worker import make_reward_actor
         from mmagent_rl.rollout.worker import make_rollout_actor
 
@@ -112,16 +129,8 @@ class Trainer:
                          for _ in range(c.rollout.num_workers)]
         Reward = make_reward_actor(c.reward.num_cpus, c.reward.num_gpus)
         self.reward = Reward.remote(c.reward.fn, c.reward.match_mode, c.reward.format_weight)
-        Learner = make_learner_actor(c.learner.num_cpus, c.learner.num_gpus)
-        port = _free_port()
-        L = c.learner
-        self.learners = [Learner.remote(
-            self.model_path, rank=r, world_size=L.num_workers, master_port=port,
-            zero_stage=L.zero_stage, lr=L.lr, weight_decay=L.weight_decay, betas=list(L.betas),
-            grad_clip=L.grad_clip, micro_batch_size=L.micro_batch_size, algo=c.algo.grpo,
-            temperature=c.rollout.agent.temperature, torch_threads=L.torch_threads,
-            seed=c.trainer.seed, system_prompt=c.model.system_prompt, dtype=c.model.dtype)
-            for r in range(L.num_workers)]
+        self.learners = start_learners(c, self.model_path, algo=c.algo.grpo,
+                                       total_steps=c.trainer.total_steps)
         self._get([a.ping.remote() for a in self.rollouts])
         self._get([a.config.remote() for a in self.learners])
 

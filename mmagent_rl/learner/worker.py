@@ -13,7 +13,7 @@ from dataclasses import asdict
 
 import torch
 
-from mmagent_rl.algos.grpo import GRPOConfig, grpo_loss
+from mmagent_rl.algos.grpo import GRPOConfig, aggregate, grpo_loss
 from mmagent_rl.learner.batch import collate
 from mmagent_rl.learner.policy import load_policy, token_logprobs
 from mmagent_rl.learner.sync import export_hf_state
@@ -40,6 +40,22 @@ def _init_distributed(rank: int, world_size: int, master_addr: str, master_port:
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
 
 
+def lr_lambda_scheduler(optimizer, schedule: str, warmup: int, total: int, min_ratio: float):
+    """Linear warm-up, then constant or cosine decay to ``min_ratio`` of the peak."""
+    if schedule not in ("constant", "cosine"):
+        raise ValueError(f"lr_schedule={schedule!r}; valid: ['constant', 'cosine']")
+
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if schedule == "constant" or total <= warmup:
+            return 1.0
+        t = min(1.0, (step - warmup) / max(1, total - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
 class Learner:
     def __init__(self, model_path: str, *, rank: int = 0, world_size: int = 1,
                  master_addr: str = "127.0.0.1", master_port: int = 29500,
@@ -47,7 +63,8 @@ class Learner:
                  betas=(0.9, 0.999), grad_clip: float = 1.0, micro_batch_size: int = 4,
                  algo: GRPOConfig = GRPOConfig(), temperature: float = 1.0,
                  torch_threads: int = 1, seed: int = 0, system_prompt: str | None = None,
-                 dtype: str = "float32"):
+                 dtype: str = "float32", lr_schedule: str = "constant",
+                 warmup_steps: int = 0, total_steps: int = 0, min_lr_ratio: float = 0.1):
         import deepspeed
 
         torch.set_num_threads(torch_threads)
@@ -72,20 +89,24 @@ class Learner:
             "zero_allow_untested_optimizer": True,  # torch AdamW: no 90-s CPUAdam build
             "steps_per_print": 10**9,
         }
-        self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer,
-                                               config=ds_config)
+        self.engine, *_ = deepspeed.initialize(
+            model=model, optimizer=optimizer, config=ds_config,
+            lr_scheduler=lr_lambda_scheduler(optimizer, lr_schedule, warmup_steps,
+                                             total_steps, min_lr_ratio))
         self.ref = None
         if algo.kl_beta > 0:  # beta 0 = no reference model is loaded at all
             self.ref = load_policy(model_path, dtype).eval().requires_grad_(False)
         self.step_count = 0
 
     # ---- training ------------------------------------------------------------------
-    def train_step(self, trajs: list[Trajectory], num_tokens: int, num_seqs: int) -> dict:
+    def train_step(self, trajs: list[Trajectory], num_tokens: int, num_seqs: int,
+                   objective: str = "rl") -> dict:
         """One optimizer step over this rank's shard. ``num_tokens``/``num_seqs`` are the
         global batch's counts, so the loss is the global token-mean however it is split.
-        Every rank must get the same number of trajectories (pad with zero-mask copies)."""
+        Every rank must get the same number of trajectories (pad with zero-mask copies).
+        ``objective``: "rl" (the algorithm's loss) or "sft" (NLL of masked tokens)."""
         t0 = time.perf_counter()
-        eng, cfg = self.engine, self.algo
+        eng = self.engine
         mbs = [trajs[i:i + self.micro_batch_size]
                for i in range(0, len(trajs), self.micro_batch_size)]
         sums: dict[str, float] = {}
@@ -93,16 +114,7 @@ class Learner:
             eng.set_gradient_accumulation_boundary(i == len(mbs) - 1)
             batch = collate(mb, self.chat.image_processor, self.chat.image_token_id,
                             self.chat.pad_id)
-            lp, _ = token_logprobs(eng.module, batch, temperature=self.temperature,
-                                   banned_ids=self.chat.banned_ids)
-            lp_ref = None
-            if self.ref is not None:
-                with torch.no_grad():
-                    lp_ref, _ = token_logprobs(self.ref, batch, temperature=self.temperature,
-                                               banned_ids=self.chat.banned_ids)
-            loss, stats = grpo_loss(lp, batch.old_logprobs, batch.advantages,
-                                    batch.loss_mask, lp_ref=lp_ref, cfg=cfg,
-                                    num_tokens=num_tokens, num_seqs=num_seqs)
+            loss, stats = self._loss(batch, objective, num_tokens, num_seqs)
             # DeepSpeed averages gradients over ranks; the loss is already normalised
             # by global counts, so undo the average.
             eng.backward(loss * self.world_size, scale_wrt_gas=False)
@@ -117,8 +129,24 @@ class Learner:
         self.step_count += 1
         gn = eng.get_global_grad_norm()
         sums["grad_norm"] = float(gn) if gn is not None else float("nan")
+        sums["lr"] = float(eng.get_lr()[0])
         sums["time/learner_compute"] = time.perf_counter() - t0
         return sums
+
+    def _loss(self, batch, objective: str, num_tokens: int, num_seqs: int):
+        lp, _ = token_logprobs(self.engine.module, batch, temperature=self.temperature,
+                               banned_ids=self.chat.banned_ids)
+        if objective == "sft":
+            nll = aggregate(-lp, batch.loss_mask, "token-mean", num_tokens=num_tokens)
+            return nll, {"pg_loss": 0.0}
+        lp_ref = None
+        if self.ref is not None:
+            with torch.no_grad():
+                lp_ref, _ = token_logprobs(self.ref, batch, temperature=self.temperature,
+                                           banned_ids=self.chat.banned_ids)
+        return grpo_loss(lp, batch.old_logprobs, batch.advantages, batch.loss_mask,
+                         lp_ref=lp_ref, cfg=self.algo, num_tokens=num_tokens,
+                         num_seqs=num_seqs)
 
     # ---- weights ---------------------------------------------------------------------
     def export_weights(self) -> list[tuple[str, torch.Tensor]]:
@@ -157,6 +185,7 @@ def finalize_metrics(per_rank: list[dict]) -> dict:
         if k.endswith("@w"):
             out[k[:-2]] = sum(r[k] for r in per_rank) / tokens
     out["grad_norm"] = per_rank[0]["grad_norm"]
+    out["lr"] = per_rank[0]["lr"]
     out["time/learner_compute"] = max(r["time/learner_compute"] for r in per_rank)
     if not math.isfinite(out["loss"]):
         out["nonfinite_loss"] = 1.0
