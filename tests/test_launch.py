@@ -17,9 +17,10 @@ REQUIRED = ("step", "loss", "reward/mean", "acc/mean", "tool/use_rate", "tool/al
             "time/generate", "time/score", "time/learn", "time/sync", "tokens_per_s")
 
 
-def launch(args: list[str], timeout: float = 900) -> subprocess.CompletedProcess:
+def launch(args: list[str], timeout: float = 900,
+           module: str = "mmagent_rl.launch") -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.path.join(REPO, "tests")]))
-    return subprocess.run([sys.executable, "-m", "mmagent_rl.launch", *args], cwd=REPO,
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO,
                           env=env, capture_output=True, text=True, timeout=timeout)
 
 
