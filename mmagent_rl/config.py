@@ -10,13 +10,16 @@ from typing import Optional
 
 from hydra.core.config_store import ConfigStore
 
+from mmagent_rl.algos.axpo import AXPOConfig
 from mmagent_rl.algos.grpo import GRPOConfig
+from mmagent_rl.algos.mapo import MAPOConfig
+from mmagent_rl.algos.papo import PAPOConfig
 from mmagent_rl.data.demos import DemoConfig
 from mmagent_rl.data.synthetic import SyntheticConfig
 from mmagent_rl.rollout.agent_loop import AgentConfig
 from mmagent_rl.rollout.engine import EngineConfig
 
-ALGORITHMS = ("grpo",)
+ALGORITHMS = ("grpo", "mapo", "papo", "axpo")
 
 
 @dataclass
@@ -52,10 +55,19 @@ class RolloutConfig:
 
 
 @dataclass
+class ClipConfig:
+    arch: str = "embedded"  # the shipped tiny CLIP; or ViT-B-32, ViT-L-14, ... (open_clip)
+    checkpoint: Optional[str] = None  # local weights for a named architecture
+    device: str = "cpu"
+    batch_size: int = 64
+
+
+@dataclass
 class RewardConfig:
     fn: str = "mmagent_rl.reward.task:default_reward"
     match_mode: str = "exact"
     format_weight: float = 0.0
+    clip: ClipConfig = field(default_factory=ClipConfig)
     num_cpus: float = 0.25
     num_gpus: float = 0.0
 
@@ -80,7 +92,10 @@ class LearnerConfig:
 @dataclass
 class AlgoConfig:
     name: str = ""  # no default: chosen with +algo=grpo (launch refuses to start without)
-    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)  # every algorithm is GRPO + one change
+    mapo: MAPOConfig = field(default_factory=MAPOConfig)
+    papo: PAPOConfig = field(default_factory=PAPOConfig)
+    axpo: AXPOConfig = field(default_factory=AXPOConfig)
 
 
 @dataclass
@@ -98,6 +113,7 @@ class TrainerConfig:
     ray_address: Optional[str] = None  # None = start a local Ray
     ray_num_cpus: Optional[float] = None
     step_timeout_s: float = 1800.0
+    max_refill_rounds: int = 3  # dynamic sampling (algo.grpo.dynamic_sampling)
 
 
 @dataclass

@@ -17,7 +17,8 @@ from omegaconf import OmegaConf
 from mmagent_rl import algos
 from mmagent_rl.config import Config, validate
 from mmagent_rl.metrics import JsonlLogger, rollout_metrics
-from mmagent_rl.trajectory import Trajectory
+from mmagent_rl.learner.worker import finalize_metrics
+from mmagent_rl.trajectory import Trajectory, group_by_prompt
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +98,7 @@ def start_learners(cfg: Config, model_path: str, *, algo, total_steps: int, lr=N
         betas=list(L.betas), grad_clip=L.grad_clip, micro_batch_size=L.micro_batch_size,
         algo=algo, temperature=cfg.rollout.agent.temperature, torch_threads=L.torch_threads,
         seed=cfg.trainer.seed, system_prompt=cfg.model.system_prompt, dtype=cfg.model.dtype,
-        lr_schedule=L.lr_schedule, warmup_steps=L.warmup_steps, total_steps=total_steps,
+        algo_name=cfg.algo.name or "grpo", papo=cfg.algo.papo, lr_schedule=L.lr_schedule, warmup_steps=L.warmup_steps, total_steps=total_steps,
         min_lr_ratio=L.min_lr_ratio)
         for r in range(L.num_workers)]
 
@@ -107,6 +108,9 @@ class Trainer:
         if OmegaConf.is_config(cfg):  # plain dataclasses from here on
             cfg = OmegaConf.to_object(cfg)
         validate(cfg)
+        from mmagent_rl.reward.task import load_reward_fn
+
+        load_reward_fn(cfg.reward.fn)  # a bad import path fails here, before any actor
         self.cfg, self.run_dir = cfg, run_dir
         os.makedirs(run_dir, exist_ok=True)
         self.model_path = resolve_model_path(cfg)
@@ -116,6 +120,7 @@ class Trainer:
         start_ray(cfg)
         self._start_actors()
         self.step = 0
+        self.data_pos = 0
 
     # ---- set-up --------------------------------------------------------------------
     def _start_actors(self) -> None:
@@ -128,9 +133,17 @@ class Trainer:
                                         c.model.system_prompt)
                          for _ in range(c.rollout.num_workers)]
         Reward = make_reward_actor(c.reward.num_cpus, c.reward.num_gpus)
-        self.reward = Reward.remote(c.reward.fn, c.reward.match_mode, c.reward.format_weight)
+        mapo = c.algo.name == "mapo"
+        self.reward = Reward.remote(c.reward.fn, c.reward.match_mode, c.reward.format_weight,
+                                    c.reward.clip if mapo else None,
+                                    c.algo.mapo if mapo else None)
         self.learners = start_learners(c, self.model_path, algo=c.algo.grpo,
                                        total_steps=c.trainer.total_steps)
+        from mmagent_rl.algos.papo import HackingAlarm
+        from mmagent_rl.rollout.chat import ChatFormat
+
+        self.alarm = HackingAlarm(c.algo.papo.alarm_window, c.algo.papo.alarm_kl_jump)
+        self.tool_call_open_id = ChatFormat.from_pretrained(self.model_path).tool_call_open_id
         self._get([a.ping.remote() for a in self.rollouts])
         self._get([a.config.remote() for a in self.learners])
 
@@ -140,40 +153,82 @@ class Trainer:
         return ray.get(refs, timeout=self.cfg.trainer.step_timeout_s)
 
     # ---- one step ------------------------------------------------------------------
-    def _examples(self, step: int):
-        B = self.cfg.trainer.prompts_per_step
+    def _next_examples(self, count: int):
         n = len(self.dataset)
-        return [self.dataset[(step * B + i) % n] for i in range(B)]
+        out = [self.dataset[(self.data_pos + i) % n] for i in range(count)]
+        self.data_pos += count
+        return out
 
-    def train_step(self) -> dict:
-        import ray
-
-        c, step = self.cfg, self.step
-        t_start = time.perf_counter()
-        examples = self._examples(step)
+    def _rollout(self, examples, seed: int) -> list[Trajectory]:
+        """Generate, then score: every rollout worker gets a share of the prompts."""
         R = len(self.rollouts)
         chunks = [examples[i::R] for i in range(R)]
-        t0 = time.perf_counter()
-        parts = self._get([w.generate.remote(ch, c.rollout.n, c.trainer.seed * 100003 + step)
+        parts = self._get([w.generate.remote(ch, self.cfg.rollout.n, seed)
                            for w, ch in zip(self.rollouts, chunks) if ch])
-        trajs = [t for p in parts for t in p]
-        t_gen = time.perf_counter() - t0
+        return [t for p in parts for t in p]
 
-        t0 = time.perf_counter()
-        trajs = self._get(self.reward.score.remote(trajs))
+    def _sample_groups(self, step_seed: int) -> tuple[list[Trajectory], dict, dict]:
+        """B groups; with dynamic sampling (DAPO), groups whose rewards are all equal are
+        dropped and refilled from the data, for at most ``max_refill_rounds`` rounds."""
+        c = self.cfg
+        B = c.trainer.prompts_per_step
+        kept: list[Trajectory] = []
+        times = {"time/generate": 0.0, "time/score": 0.0}
+        info = {"dapo/dropped_groups": 0, "dapo/rounds": 0}
+        for r in range(1 + (c.trainer.max_refill_rounds if c.algo.grpo.dynamic_sampling else 0)):
+            need = B - len(group_by_prompt(kept))
+            if need <= 0:
+                break
+            t0 = time.perf_counter()
+            trajs = self._rollout(self._next_examples(need), step_seed + 7919 * r)
+            times["time/generate"] += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            trajs = self._get(self.reward.score.remote(trajs))
+            times["time/score"] += time.perf_counter() - t0
+            info["dapo/rounds"] = r + 1
+            if not c.algo.grpo.dynamic_sampling:
+                return trajs, times, {}
+            for g in group_by_prompt(trajs).values():
+                if len({t.reward for t in g}) > 1:
+                    kept.extend(g)
+                else:
+                    info["dapo/dropped_groups"] += 1
+        if not kept:  # nothing informative: train on the last round (zero advantages)
+            kept = trajs
+        return kept, times, info
+
+    def train_step(self) -> dict:
+        c, step = self.cfg, self.step
+        t_start = time.perf_counter()
+        trajs, times, extra = self._sample_groups(c.trainer.seed * 100003 + step)
         self.last_trajectories = trajs  # for benchmarks and debugging
-        t_score = time.perf_counter() - t0
+        adv, algo_metrics = algos.compute_advantages(trajs, c.algo)
+        extra.update(algo_metrics)
+        if trajs and "align_time_s" in trajs[0].meta:
+            extra["mapo/align_pairs_per_s"] = trajs[0].meta["align_pairs"] / max(
+                1e-9, trajs[0].meta["align_time_s"])
+        batch, num_tokens, num_seqs = trajs, sum(t.num_generated for t in trajs), len(trajs)
+        if c.algo.name == "axpo":
+            t0 = time.perf_counter()
+            batch, axpo_metrics = self._axpo_round(trajs, step)
+            extra.update(axpo_metrics)
+            extra["time/axpo"] = time.perf_counter() - t0
 
-        adv = algos.grpo_advantages(trajs, c.algo.grpo)
         t0 = time.perf_counter()
-        num_tokens = sum(t.num_generated for t in trajs)
-        shards = shard_for_learners(trajs, len(self.learners))
-        from mmagent_rl.learner.worker import finalize_metrics
-
-        per_rank = self._get([lr.train_step.remote(s, num_tokens, len(trajs))
+        shards = shard_for_learners(batch, len(self.learners))
+        # Normalised by the ordinary batch: AXPO's extra continuations never shrink the
+        # weight of an ordinary rollout (ALGORITHMS.md: ordinary rollouts keep 1/G).
+        per_rank = self._get([lr.train_step.remote(s, num_tokens, num_seqs)
                               for lr, s in zip(self.learners, shards)])
         learn = finalize_metrics(per_rank)
         t_learn = time.perf_counter() - t0
+        if c.algo.name == "papo":
+            extra["papo/hacking_alarm"] = float(self.alarm.update(
+                learn.get("papo/kl_prcp", 0.0), learn.get("papo/entropy_ori", 0.0),
+                learn.get("papo/entropy_aug", 0.0)))
+            if extra["papo/hacking_alarm"]:
+                log.warning("PAPO: perception KL jumped while both entropies rose "
+                            "(KL hacking?) at step %d", step + 1)
 
         t0 = time.perf_counter()
         weights = self.learners[0].export_weights.remote()
@@ -183,17 +238,49 @@ class Trainer:
 
         self.step += 1
         total = time.perf_counter() - t_start
-        m = {"step": self.step, **learn, **rollout_metrics(trajs),
-             "adv/abs_mean": float(adv.abs().mean()), "time/generate": t_gen,
-             "time/score": t_score, "time/learn": t_learn, "time/sync": t_sync,
-             "time/step": total, "tokens/generated": num_tokens,
-             "tokens_per_s": num_tokens / total if total > 0 else 0.0,
-             "gen_tokens_per_s": num_tokens / t_gen if t_gen > 0 else 0.0,
-             "samples": len(trajs)}
+        gen_tokens = sum(t.num_generated for t in batch)
+        m = {"step": self.step, **learn, **rollout_metrics(trajs), **extra, **times,
+             "adv/abs_mean": float(adv.abs().mean()), "time/learn": t_learn,
+             "time/sync": t_sync, "time/step": total, "tokens/generated": gen_tokens,
+             "tokens_per_s": gen_tokens / total if total > 0 else 0.0,
+             "gen_tokens_per_s": gen_tokens / times["time/generate"]
+             if times["time/generate"] > 0 else 0.0,
+             "samples": len(batch), "data/position": self.data_pos}
         m.pop("tokens", None)
         if self.metrics_log:
             self.metrics_log.log(m)
         return m
+
+    def _axpo_round(self, trajs: list[Trajectory], step: int):
+        """Trigger, pick prefixes, continue them K times, score, build advantages."""
+        import random
+
+        from mmagent_rl.algos import axpo
+
+        c = self.cfg
+        sel = axpo.select_prefixes(trajs, c.algo.axpo, self.tool_call_open_id,
+                                   c.trainer.prompts_per_step, c.rollout.n,
+                                   rng=random.Random(c.trainer.seed * 7 + step))
+        conts: list[Trajectory] = []
+        if sel:
+            prefixes = [axpo.make_prefix(s.traj, s.fork) for s in sel]
+            by_id = {t.meta["example_id"]: t for t in trajs}
+            exs = [self._example_of(by_id[s.traj.meta["example_id"]]) for s in sel]
+            R = len(self.rollouts)
+            parts = self._get([w.continue_from.remote(prefixes[i::R], exs[i::R],
+                                                      c.algo.axpo.k, step * 31 + i)
+                               for i, w in enumerate(self.rollouts) if prefixes[i::R]])
+            conts = self._get(self.reward.score.remote([t for p in parts for t in p]))
+        grouped = axpo.group_continuations(sel, conts)
+        axpo.axpo_advantages(trajs, grouped, sel, c.algo.grpo, c.algo.axpo)
+        return trajs + conts, axpo.axpo_metrics(trajs, sel, grouped)
+
+    def _example_of(self, traj: Trajectory):
+        """The example a trajectory came from (the zoom tool needs its full image)."""
+        from mmagent_rl.data.example import Example
+
+        return Example(id=traj.meta["example_id"], image=traj.images[0], question="",
+                       answer=traj.ground_truth, target_box=traj.meta.get("target_box"))
 
     # ---- the run -------------------------------------------------------------------
     def fit(self) -> list[dict]:

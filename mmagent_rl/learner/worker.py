@@ -14,6 +14,7 @@ from dataclasses import asdict
 import torch
 
 from mmagent_rl.algos.grpo import GRPOConfig, aggregate, grpo_loss
+from mmagent_rl.algos.papo import PAPOConfig, masked_images_for, papo_loss
 from mmagent_rl.learner.batch import collate
 from mmagent_rl.learner.policy import load_policy, token_logprobs
 from mmagent_rl.learner.sync import export_hf_state
@@ -40,6 +41,46 @@ def _init_distributed(rank: int, world_size: int, master_addr: str, master_port:
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
 
 
+def papo_seed(step: int, t: Trajectory) -> int:
+    """Mask seed of one trajectory at one step: fixed across ranks and re-runs."""
+    import zlib
+
+    return zlib.crc32(f"{step}/{t.prompt_id}/{t.sample_idx}".encode())
+
+
+class GradProbe:
+    """``grad/variance``: the spread of per-micro-batch policy gradients, for every
+    algorithm alike (MAPO claims to reduce it).
+
+    For micro-batch m, g_m is the gradient of its share of the step's loss w.r.t. a
+    probe weight (the last language-model layer's MLP down projection), read on a fixed
+    random set C of at most 4096 coordinates. With M micro-batches in the whole step
+    (all ranks), M * g_m is an unbiased estimate of the step's gradient on C, and
+    grad/variance = mean over c in C of the unbiased variance over m of M * g_m[c]."""
+
+    def __init__(self, model, seed: int, max_coords: int = 4096):
+        names = [n for n, _ in model.named_parameters()
+                 if n.endswith("mlp.down_proj.weight") and "visual" not in n]
+        self.param = dict(model.named_parameters())[names[-1]]
+        g = torch.Generator().manual_seed(1234)
+        n = self.param.numel()
+        self.coords = torch.randperm(n, generator=g)[:min(n, max_coords)]
+
+    def sample(self, loss) -> list[float]:
+        (g,) = torch.autograd.grad(loss, self.param, retain_graph=True, allow_unused=True)
+        if g is None:
+            return [0.0] * len(self.coords)
+        return g.detach().flatten()[self.coords].double().tolist()
+
+
+def grad_variance(probes: list[list[float]]) -> float:
+    """Mean over coordinates of the unbiased variance of M * g_m (see GradProbe)."""
+    if len(probes) < 2:
+        return float("nan")
+    g = torch.tensor(probes, dtype=torch.float64) * len(probes)
+    return float(g.var(dim=0, unbiased=True).mean())
+
+
 def lr_lambda_scheduler(optimizer, schedule: str, warmup: int, total: int, min_ratio: float):
     """Linear warm-up, then constant or cosine decay to ``min_ratio`` of the peak."""
     if schedule not in ("constant", "cosine"):
@@ -61,7 +102,8 @@ class Learner:
                  master_addr: str = "127.0.0.1", master_port: int = 29500,
                  zero_stage: int = 2, lr: float = 1e-5, weight_decay: float = 0.0,
                  betas=(0.9, 0.999), grad_clip: float = 1.0, micro_batch_size: int = 4,
-                 algo: GRPOConfig = GRPOConfig(), temperature: float = 1.0,
+                 algo: GRPOConfig = GRPOConfig(), algo_name: str = "grpo",
+                 papo: PAPOConfig | None = None, temperature: float = 1.0,
                  torch_threads: int = 1, seed: int = 0, system_prompt: str | None = None,
                  dtype: str = "float32", lr_schedule: str = "constant",
                  warmup_steps: int = 0, total_steps: int = 0, min_lr_ratio: float = 0.1):
@@ -73,7 +115,9 @@ class Learner:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         _init_distributed(rank, world_size, master_addr, master_port, backend)
         self.chat = ChatFormat.from_pretrained(model_path, system_prompt)
-        self.algo = algo
+        self.algo, self.algo_name, self.papo = algo, algo_name, papo
+        if algo_name == "papo" and papo is None:
+            raise ValueError("algo_name='papo' needs a PAPOConfig")
         self.temperature = temperature
         self.micro_batch_size = micro_batch_size
         self.zero_stage = zero_stage
@@ -97,6 +141,7 @@ class Learner:
         if algo.kl_beta > 0:  # beta 0 = no reference model is loaded at all
             self.ref = load_policy(model_path, dtype).eval().requires_grad_(False)
         self.step_count = 0
+        self.probe = GradProbe(self.engine.module, seed) if zero_stage < 3 else None
 
     # ---- training ------------------------------------------------------------------
     def train_step(self, trajs: list[Trajectory], num_tokens: int, num_seqs: int,
@@ -110,11 +155,14 @@ class Learner:
         mbs = [trajs[i:i + self.micro_batch_size]
                for i in range(0, len(trajs), self.micro_batch_size)]
         sums: dict[str, float] = {}
+        probes: list[list[float]] = []
         for i, mb in enumerate(mbs):
             eng.set_gradient_accumulation_boundary(i == len(mbs) - 1)
             batch = collate(mb, self.chat.image_processor, self.chat.image_token_id,
                             self.chat.pad_id)
-            loss, stats = self._loss(batch, objective, num_tokens, num_seqs)
+            loss, stats = self._loss(batch, mb, objective, num_tokens, num_seqs)
+            if self.probe is not None and objective == "rl":
+                probes.append(self.probe.sample(loss))
             # DeepSpeed averages gradients over ranks; the loss is already normalised
             # by global counts, so undo the average.
             eng.backward(loss * self.world_size, scale_wrt_gas=False)
@@ -131,22 +179,41 @@ class Learner:
         sums["grad_norm"] = float(gn) if gn is not None else float("nan")
         sums["lr"] = float(eng.get_lr()[0])
         sums["time/learner_compute"] = time.perf_counter() - t0
+        sums["grad_probes"] = probes
         return sums
 
-    def _loss(self, batch, objective: str, num_tokens: int, num_seqs: int):
-        lp, _ = token_logprobs(self.engine.module, batch, temperature=self.temperature,
-                               banned_ids=self.chat.banned_ids)
+    def _logprobs(self, model, batch):
+        return token_logprobs(model, batch, temperature=self.temperature,
+                              banned_ids=self.chat.banned_ids)[0]
+
+    def _loss(self, batch, mb: list[Trajectory], objective: str, num_tokens: int,
+              num_seqs: int):
+        lp = self._logprobs(self.engine.module, batch)
         if objective == "sft":
             nll = aggregate(-lp, batch.loss_mask, "token-mean", num_tokens=num_tokens)
             return nll, {"pg_loss": 0.0}
         lp_ref = None
         if self.ref is not None:
             with torch.no_grad():
-                lp_ref, _ = token_logprobs(self.ref, batch, temperature=self.temperature,
-                                           banned_ids=self.chat.banned_ids)
-        return grpo_loss(lp, batch.old_logprobs, batch.advantages, batch.loss_mask,
-                         lp_ref=lp_ref, cfg=self.algo, num_tokens=num_tokens,
-                         num_seqs=num_seqs)
+                lp_ref = self._logprobs(self.ref, batch)
+        if self.algo_name != "papo":
+            return grpo_loss(lp, batch.old_logprobs, batch.advantages, batch.loss_mask,
+                             lp_ref=lp_ref, cfg=self.algo, num_tokens=num_tokens,
+                             num_seqs=num_seqs)
+        # PAPO: the same tokens given patch-masked images (same sizes, so the same ids).
+        masked = [masked_images_for(t.images, int(t.meta.get("n_prompt_images", 1)),
+                                    self.papo, seed=papo_seed(self.step_count, t))
+                  for t in mb]
+        mbatch = collate(mb, self.chat.image_processor, self.chat.image_token_id,
+                         self.chat.pad_id, images_override=masked)
+        with torch.no_grad():  # the old policy: weights are not updated before step()
+            lp_mask = self._logprobs(self.engine.module, mbatch)
+        lp_mask_theta = self._logprobs(self.engine.module, mbatch) \
+            if self.papo.double_entropy_grad and self.papo.eta_aug > 0 else None
+        return papo_loss(lp, batch.old_logprobs, batch.advantages, batch.loss_mask,
+                         lp_mask=lp_mask, lp_mask_theta=lp_mask_theta, lp_ref=lp_ref,
+                         grpo_cfg=self.algo, cfg=self.papo, step=self.step_count,
+                         num_tokens=num_tokens, num_seqs=num_seqs)
 
     # ---- weights ---------------------------------------------------------------------
     def export_weights(self) -> list[tuple[str, torch.Tensor]]:
@@ -184,6 +251,7 @@ def finalize_metrics(per_rank: list[dict]) -> dict:
     for k in per_rank[0]:
         if k.endswith("@w"):
             out[k[:-2]] = sum(r[k] for r in per_rank) / tokens
+    out["grad/variance"] = grad_variance([p for r in per_rank for p in r.get("grad_probes", [])])
     out["grad_norm"] = per_rank[0]["grad_norm"]
     out["lr"] = per_rank[0]["lr"]
     out["time/learner_compute"] = max(r["time/learner_compute"] for r in per_rank)

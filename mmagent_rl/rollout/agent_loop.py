@@ -47,6 +47,9 @@ class _State:
     done: bool = False
     finish: str = ""
     prompt_id: str = ""
+    # Text of the current turn generated before a fork (AXPO continues after an opening
+    # <tool_call>): the next turn's call is parsed with it in front.
+    partial: str = ""
 
 
 def request_seed(seed: int, *parts) -> int:
@@ -89,6 +92,7 @@ class AgentLoop:
                     ex, j, list(p.token_ids), [0] * len(p.token_ids), [0.0] * len(p.token_ids),
                     list(p.images), len(p.token_ids), texts=[p.response_text],
                     turn=int(p.meta.get("turns", 0)), prompt_id=f"{p.prompt_id}/cont{p.sample_idx}",
+                    partial=str(p.meta.get("axpo_partial_text", "")),
                 ))
         return self._loop(states, seed)
 
@@ -131,11 +135,12 @@ class AgentLoop:
         s.logprobs += g.logprobs
         text = chat.decode(g.token_ids)
         s.texts.append(text)
+        full_turn, s.partial = s.partial + text, ""
         turn = s.turn
         s.turn += 1
         span = (len(s.ids) - len(g.token_ids), len(s.ids))
         if g.stop_token == chat.tool_call_close_id:
-            raw = find_tool_call(text) or ""
+            raw = find_tool_call(full_turn) or ""
             parsed = parse_tool_call(raw)
             call = ToolCall(turn=turn, raw=raw, name=parsed.name, bbox=parsed.bbox,
                             label=parsed.label, error=parsed.error, span=span)
@@ -159,7 +164,7 @@ class AgentLoop:
             s.mask += [0] * len(obs)
             s.logprobs += [0.0] * len(obs)
             return
-        if has_unterminated_call(text):  # counted as a failed call, never dropped
+        if has_unterminated_call(full_turn):  # counted as a failed call, never dropped
             s.calls.append(ToolCall(turn=turn, raw="", span=span,
                                     error="Error: unterminated <tool_call>"))
         s.done = True
@@ -173,6 +178,7 @@ class AgentLoop:
             prompt_len=s.prompt_len, ground_truth=ex.answer,
             response_text="".join(s.texts), tool_calls=s.calls, finish_reason=s.finish,
             meta={"example_id": ex.id, "target_box": ex.target_box, "turns": s.turn,
+                  "turn_texts": list(s.texts),
                   "image_size": ex.image.size, **{k: v for k, v in ex.meta.items()
                                                  if isinstance(v, (int, float, str, bool))}},
         )
