@@ -190,3 +190,28 @@ def test_tiny_model_is_reproducible_and_loads_everywhere(tmp_path, tiny_model_pa
         assert len(proc.tokenizer.encode(tok, add_special_tokens=False)) == 1
     cfg = json.loads((a / "config.json").read_text())
     assert cfg["text_config"]["hidden_size"] == 256 and cfg["vision_config"]["depth"] == 2
+
+
+def test_continue_from_keeps_the_prefix_and_forces_a_tool_call(engine, chat, policy,
+                                                              examples):
+    """AXPO's resampling: K continuations after an opening <tool_call>."""
+    from mmagent_rl.trajectory import Trajectory
+
+    ex = examples[7]
+    partial = "I need to look closer.<tool_call>"
+    ids = chat.prompt_ids(ex.image, ex.question) + chat.encode(partial)
+    prefix = Trajectory(prompt_id=ex.id, sample_idx=3, token_ids=ids,
+                        loss_mask=[0] * len(ids), logprobs=[0.0] * len(ids),
+                        images=[ex.image], prompt_len=len(ids), response_text=partial,
+                        meta={"turns": 0, "axpo_partial_text": partial})
+    loop = AgentLoop(engine, chat, AgentConfig(max_new_tokens=20, max_turns=3))
+    conts = loop.continue_from([prefix], [ex], k=3, seed=5)
+    assert len(conts) == 3 and {c.prompt_id for c in conts} == {f"{ex.id}/cont3"}
+    for c in conts:
+        assert c.token_ids[:len(ids)] == ids  # the prefix is kept token for token
+        assert sum(c.loss_mask[:len(ids)]) == 0 and c.num_generated > 0
+        assert c.tool_calls and c.tool_calls[0].turn == 0  # the first turn is a call
+        assert c.response_text.startswith(partial)
+    assert len({tuple(c.token_ids) for c in conts}) > 1  # K different samples
+    batch, lp = _learner_logprobs(policy, chat, conts)
+    assert ((lp - batch.old_logprobs).abs() * batch.loss_mask).max().item() < 1e-4
