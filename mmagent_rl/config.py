@@ -164,6 +164,16 @@ def register() -> None:
     cs.store(name="base_config", node=Config)
 
 
+def system_prompt(cfg: Config) -> Optional[str]:
+    """The configured prompt; for MAPO "post" mode, one that asks for <description>."""
+    if cfg.model.system_prompt is None and cfg.algo.name == "mapo" \
+            and cfg.algo.mapo.description == "post":
+        from mmagent_rl.rollout.chat import MAPO_POST_SYSTEM_PROMPT
+
+        return MAPO_POST_SYSTEM_PROMPT
+    return cfg.model.system_prompt
+
+
 def _choice(key: str, value, valid) -> None:
     if value not in valid:
         raise ValueError(f"{key}={value!r} is not valid; valid choices: {list(valid)}")

@@ -15,7 +15,7 @@ import time
 from omegaconf import OmegaConf
 
 from mmagent_rl import algos
-from mmagent_rl.config import Config, validate
+from mmagent_rl.config import Config, system_prompt, validate
 from mmagent_rl.metrics import JsonlLogger, rollout_metrics
 from mmagent_rl.learner.worker import finalize_metrics
 from mmagent_rl.trajectory import Trajectory, group_by_prompt
@@ -130,7 +130,7 @@ class Trainer:
         c = self.cfg
         Rollout = make_rollout_actor(c.rollout.num_cpus, c.rollout.num_gpus)
         self.rollouts = [Rollout.remote(self.model_path, c.rollout.engine, c.rollout.agent,
-                                        c.model.system_prompt)
+                                        system_prompt(c))
                          for _ in range(c.rollout.num_workers)]
         Reward = make_reward_actor(c.reward.num_cpus, c.reward.num_gpus)
         mapo = c.algo.name == "mapo"

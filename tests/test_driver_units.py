@@ -67,3 +67,15 @@ def test_config_validation_names_key_and_choices():
     cfg.rollout.agent.max_turns = 9
     with pytest.raises(ValueError, match="max_images_per_prompt"):
         validate(cfg)
+
+
+def test_mapo_post_mode_prompt_asks_for_a_description():
+    from mmagent_rl.config import system_prompt
+
+    cfg = Config()
+    cfg.algo.name = "mapo"
+    assert system_prompt(cfg) is None  # label mode: the default tool prompt has "label"
+    cfg.algo.mapo.description = "post"
+    assert "<description>" in system_prompt(cfg)
+    cfg.model.system_prompt = "mine"
+    assert system_prompt(cfg) == "mine"  # an explicit prompt always wins

@@ -240,6 +240,12 @@ class Learner:
             AutoProcessor.from_pretrained(src).save_pretrained(out_dir)
         return out_dir
 
+    def peak_rss_gib(self) -> float:
+        """Peak resident memory of this learner process so far (Linux: KiB units)."""
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
     def config(self) -> dict:
         return {"rank": self.rank, "world_size": self.world_size, "algo": asdict(self.algo)}
 

@@ -1,0 +1,150 @@
+"""What MAPO and PAPO cost on top of GRPO, and MAPO's gradient-variance claim.
+
+    python bench/algo_cost.py [--steps 3] [--prompts 4] [--n 4] [--tokens 48]
+
+1. PAPO vs GRPO: the real trainer (Ray, vLLM, DeepSpeed, 1 learner) on the same
+   workload (same prompts, seeds and weights at step 1); median time per step and per
+   learn phase, and the learner's peak RSS, with the ratios PAPO / GRPO, for both
+   entropy modes (the masked forward only, and the second forward with grad).
+2. MAPO: alignment scoring throughput of the reward actor's CLIP (pairs/s) and its
+   share of a GRPO step of this workload; and, on the same trajectories (tool calls
+   forced with a scripted first turn, labels true or wrong at random), ``grad/variance``
+   under MAPO's advantages divided by the same under GRPO's.
+Every ratio is measured in this run. Last line: one JSON object.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "tests"))  # reward_plugins
+os.environ["PYTHONPATH"] = os.pathsep.join(sys.path)
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+
+def trainer_run(algo: str, a, overrides: dict) -> dict:
+    import ray
+    from omegaconf import OmegaConf
+
+    from mmagent_rl.config import Config
+    from mmagent_rl.trainer import Trainer
+
+    cfg = OmegaConf.structured(Config)
+    cfg.algo.name = algo
+    cfg.trainer.total_steps = a.steps + 1
+    cfg.trainer.prompts_per_step = a.prompts
+    cfg.trainer.save_final = False
+    cfg.trainer.progress = False
+    cfg.rollout.n = a.n
+    cfg.rollout.agent.max_new_tokens = a.tokens
+    cfg.learner.num_workers = 1
+    cfg.logger.jsonl = False
+    cfg.reward.fn = "reward_plugins:shortness_reward"
+    for k, v in overrides.items():
+        OmegaConf.update(cfg, k, v)
+    tr = Trainer(cfg, f"/tmp/mmagent_bench_{algo}")
+    rows = [tr.train_step() for _ in range(a.steps + 1)][1:]  # the first is warm-up
+    peak = ray.get(tr.learners[0].peak_rss_gib.remote(), timeout=600)
+    tr.shutdown()
+    ray.shutdown()
+    med = lambda k: statistics.median(r[k] for r in rows)  # noqa: E731
+    return {"step_s": med("time/step"), "learn_s": med("time/learn"),
+            "learner_peak_rss_gib": peak}
+
+
+def mapo_part(a, grpo_step_s: float) -> dict:
+    import torch
+
+    from mmagent_rl import algos
+    from mmagent_rl.algos.grpo import GRPOConfig, grpo_loss
+    from mmagent_rl.config import AlgoConfig, ClipConfig
+    from mmagent_rl.data.synthetic import COLOR_RGB, SyntheticConfig, SyntheticDataset
+    from mmagent_rl.learner.batch import collate
+    from mmagent_rl.learner.policy import load_policy, token_logprobs
+    from mmagent_rl.learner.worker import GradProbe, grad_variance
+    from mmagent_rl.models.tiny import ensure_tiny_model
+    from mmagent_rl.reward.worker import RewardScorer
+    from mmagent_rl.rollout.agent_loop import AgentConfig, AgentLoop
+    from mmagent_rl.rollout.chat import ChatFormat
+    from mmagent_rl.rollout.engine import EngineConfig, VLLMEngine
+
+    torch.set_num_threads(1)
+    path = str(ensure_tiny_model())
+    chat = ChatFormat.from_pretrained(path)
+    ds = SyntheticDataset(SyntheticConfig(), seed=0, size=a.prompts * 4, split="train")
+    loop = AgentLoop(VLLMEngine(path, EngineConfig(max_model_len=2048)), chat,
+                     AgentConfig(max_new_tokens=a.tokens, max_turns=2))
+    rng = random.Random(0)
+    trajs = []
+    for i in range(a.prompts * 4):  # one scripted call per prompt, true or wrong label
+        ex = ds[i]
+        colour = ex.answer if rng.random() < 0.5 else rng.choice(list(COLOR_RGB))
+        call = ('<tool_call>{"name": "image_zoom_in_tool", "arguments": {"bbox_2d": '
+                f'{list(ex.target_box)}, "label": "a {colour} square inside a black ring"'
+                '}}</tool_call>')
+        trajs += loop.run([ex], n=a.n, seed=i, scripted_turns=["Let me zoom." + call])
+    algo = AlgoConfig(name="mapo")
+    scorer = RewardScorer("reward_plugins:shortness_reward", clip=ClipConfig(),
+                          mapo=algo.mapo)
+    scorer.score(trajs[:8])  # warm-up
+    t0 = time.perf_counter()
+    scorer.score(trajs)
+    score_s = time.perf_counter() - t0
+    pairs = sum(len(t.tool_calls) for t in trajs)
+    align_s = trajs[0].meta["align_time_s"]
+
+    model = load_policy(path).train()
+    probe = GradProbe(model, seed=0)
+    total_tokens = sum(t.num_generated for t in trajs)
+
+    def variance(name: str) -> float:
+        algo.name = name
+        algos.compute_advantages(trajs, algo)
+        probes = []
+        for i in range(0, len(trajs), 4):
+            b = collate(trajs[i:i + 4], chat.image_processor, chat.image_token_id, chat.pad_id)
+            lp = token_logprobs(model, b, banned_ids=chat.banned_ids)[0]
+            loss, _ = grpo_loss(lp, b.old_logprobs, b.advantages, b.loss_mask,
+                                cfg=GRPOConfig(kl_beta=0.0), num_tokens=total_tokens)
+            probes.append(probe.sample(loss))
+        return grad_variance(probes)
+
+    v_grpo, v_mapo = variance("grpo"), variance("mapo")
+    return {"align_pairs": pairs, "align_pairs_per_s": pairs / align_s,
+            "align_share_of_grpo_step": (align_s / (len(trajs) / (a.prompts * a.n)))
+            / grpo_step_s, "score_s": score_s, "grad_variance_grpo": v_grpo,
+            "grad_variance_mapo": v_mapo, "grad_variance_ratio_mapo_grpo": v_mapo / v_grpo}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--prompts", type=int, default=4)
+    ap.add_argument("--n", type=int, default=4)
+    ap.add_argument("--tokens", type=int, default=48)
+    a = ap.parse_args()
+    grpo = trainer_run("grpo", a, {})
+    papo = trainer_run("papo", a, {"algo.papo.double_entropy_grad": False})
+    papo2 = trainer_run("papo", a, {"algo.papo.double_entropy_grad": True})
+    mapo = mapo_part(a, grpo["step_s"])
+    out = {"grpo": grpo, "papo_masked_forward": papo, "papo_double_entropy_grad": papo2,
+           "papo_step_ratio": papo["step_s"] / grpo["step_s"],
+           "papo_learn_ratio": papo["learn_s"] / grpo["learn_s"],
+           "papo_grad_step_ratio": papo2["step_s"] / grpo["step_s"],
+           "papo_grad_learn_ratio": papo2["learn_s"] / grpo["learn_s"],
+           "papo_peak_rss_ratio": papo2["learner_peak_rss_gib"] / grpo["learner_peak_rss_gib"],
+           **mapo}
+    for k, v in out.items():
+        print(f"{k:34s} {v}")
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
