@@ -215,3 +215,10 @@ def test_continue_from_keeps_the_prefix_and_forces_a_tool_call(engine, chat, pol
     assert len({tuple(c.token_ids) for c in conts}) > 1  # K different samples
     batch, lp = _learner_logprobs(policy, chat, conts)
     assert ((lp - batch.old_logprobs).abs() * batch.loss_mask).max().item() < 1e-4
+
+
+def test_many_concurrent_multimodal_rollouts_do_not_crash_the_engine(engine, chat, examples):
+    """40 rollouts at once: prefills get chunked; unseeded requests stay safe on CPU."""
+    loop = AgentLoop(engine, chat, AgentConfig(max_new_tokens=8, max_turns=2))
+    trajs = loop.run(examples, n=5, seed=0)
+    assert len(trajs) == 40 and all(t.num_generated > 0 for t in trajs)

