@@ -6,6 +6,7 @@ load_weights, save); it never reaches into an actor.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import shutil
@@ -53,8 +54,15 @@ def make_dataset(cfg: Config, split: str = "train"):
 
 def _free_port() -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind(("", 0))
         return s.getsockname()[1]
+
+
+def _rendezvous_address():
+    import ray
+
+    return (ray.get_runtime_context().get_node_id(), ray.util.get_node_ip_address(),
+            _free_port())
 
 
 def shard_for_learners(trajs: list[Trajectory], world: int) -> list[list[Trajectory]]:
@@ -80,6 +88,11 @@ def start_ray(cfg: Config) -> None:
     for k in ("MMAGENT_RL_CACHE", "WANDB_MODE", "HF_HUB_OFFLINE", "PYTHONPATH"):
         if k in os.environ:
             env[k] = os.environ[k]
+    # Under `ray job submit` the job's runtime env already sets its variables, and
+    # ray.init refuses to set any of them again (even to the same value).
+    job_env = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")).get(
+        "runtime_env", {}).get("env_vars", {})
+    env = {k: v for k, v in env.items() if k not in job_env}
     ray.init(address=cfg.trainer.ray_address, num_cpus=cfg.trainer.ray_num_cpus,
              include_dashboard=False, runtime_env={"env_vars": env},
              log_to_driver=True, configure_logging=False)
@@ -89,11 +102,19 @@ def start_learners(cfg: Config, model_path: str, *, algo, total_steps: int, lr=N
     """The DeepSpeed data-parallel group as Ray actors (rank 0 first)."""
     from mmagent_rl.learner.worker import make_learner_actor
 
+    import ray
+
     L = cfg.learner
     Learner = make_learner_actor(L.num_cpus, L.num_gpus)
-    port = _free_port()
-    return [Learner.remote(
-        model_path, rank=r, world_size=L.num_workers, master_port=port,
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    # The rendezvous (rank 0's TCP store) lives on one node: take an address and a free
+    # port there, and pin rank 0 to that node, so learners can meet across machines.
+    node, addr, port = ray.get(ray.remote(_rendezvous_address).options(num_cpus=0).remote(),
+                               timeout=cfg.trainer.step_timeout_s)
+    pin = NodeAffinitySchedulingStrategy(node, soft=False)
+    return [(Learner.options(scheduling_strategy=pin) if r == 0 else Learner).remote(
+        model_path, rank=r, world_size=L.num_workers, master_addr=addr, master_port=port,
         zero_stage=L.zero_stage, lr=L.lr if lr is None else lr, weight_decay=L.weight_decay,
         betas=list(L.betas), grad_clip=L.grad_clip, micro_batch_size=L.micro_batch_size,
         algo=algo, temperature=cfg.rollout.agent.temperature, torch_threads=L.torch_threads,
@@ -231,9 +252,13 @@ class Trainer:
                             "(KL hacking?) at step %d", step + 1)
 
         t0 = time.perf_counter()
-        weights = self.learners[0].export_weights.remote()
-        self._get([w.load_weights.remote(weights, step + 1) for w in self.rollouts])
-        del weights
+        # Under ZeRO-3 gathering the full weights is a collective: every rank joins.
+        exports = [lr.export_weights.remote() for lr in
+                   (self.learners if c.learner.zero_stage == 3 else self.learners[:1])]
+        weights = exports[0]
+        self._get([w.load_weights.remote(weights, step + 1) for w in self.rollouts]
+                  + exports[1:])
+        del weights, exports
         t_sync = time.perf_counter() - t0
 
         self.step += 1

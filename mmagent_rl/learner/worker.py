@@ -217,7 +217,10 @@ class Learner:
 
     # ---- weights ---------------------------------------------------------------------
     def export_weights(self) -> list[tuple[str, torch.Tensor]]:
-        return export_hf_state(self.engine.module, gather_zero3=self.zero_stage == 3)
+        """Rank 0's copy is what the engines load; under ZeRO-3 every rank must call
+        this (the gather is a collective) and the others return an empty list."""
+        named = export_hf_state(self.engine.module, gather_zero3=self.zero_stage == 3)
+        return named if self.rank == 0 else []
 
     def weights_checksum(self) -> float:
         return float(sum(p.detach().double().abs().sum() for p in self.engine.module.parameters()))
