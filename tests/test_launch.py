@@ -25,10 +25,12 @@ def launch(args: list[str], timeout: float = 900,
 
 
 @pytest.mark.slow
-def test_two_step_grpo_run_with_two_zero2_learners(tmp_path, tiny_model_path):
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_two_step_grpo_run_with_two_learners(tmp_path, tiny_model_path, zero_stage):
     run = tmp_path / "run"
     p = launch(["+algo=grpo", "trainer.total_steps=2", f"hydra.run.dir={run}",
-                "learner.num_workers=2", "learner.zero_stage=2", "rollout.num_workers=1",
+                "learner.num_workers=2", f"learner.zero_stage={zero_stage}",
+                "rollout.num_workers=1",
                 "rollout.n=4", "trainer.prompts_per_step=2", "rollout.agent.max_new_tokens=24",
                 "learner.lr=1e-3", "reward.fn=reward_plugins:shortness_reward"])
     assert p.returncode == 0, p.stderr[-4000:]
@@ -42,6 +44,7 @@ def test_two_step_grpo_run_with_two_zero2_learners(tmp_path, tiny_model_path):
     final = load_file(run / "checkpoints" / "final" / "model.safetensors")
     start = load_file(os.path.join(tiny_model_path, "model.safetensors"))
     assert final.keys() == start.keys()
+    assert all(final[k].shape == start[k].shape for k in start)  # ZeRO-3: gathered
     assert any(not torch.equal(final[k], start[k]) for k in start)  # the policy learned
     assert not (run / "checkpoints" / "final.tmp").exists()
 
