@@ -8,10 +8,8 @@
 # up inside Ray's session folder. Without hydra.run.dir (or a multirun), the run dir
 # is this checkout's outputs/DATE/TIME, which must exist on the head node (a shared
 # disk, or submit from the head node).
-# Optional: RUNTIME_ENV_JSON (e.g. '{"env_vars": {"HF_HOME": "/shared/hf"}}'; for now
-# without the keys the trainer itself passes to ray.init, which Ray refuses to merge:
-# WANDB_MODE, PYTHONPATH, HF_HUB_OFFLINE, MMAGENT_RL_CACHE, VLLM_LOGGING_LEVEL,
-# TOKENIZERS_PARALLELISM; put those in the environment of `ray start` instead),
+# Optional: RUNTIME_ENV_JSON (e.g. '{"env_vars": {"HF_HOME": "/shared/hf"}}'; the
+# trainer does not set again a variable the job's runtime env already sets),
 # SUBMISSION_ID, NO_WAIT=1 (return at once; follow with `ray job logs -f ID`),
 # JOB_PYTHON (the interpreter on the head node, default `python`).
 set -euo pipefail
