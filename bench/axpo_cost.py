@@ -1,0 +1,71 @@
+"""The AXPO round's cost relative to the rest of the step, with the prefix cache on/off.
+
+    python bench/axpo_cost.py --model CHECKPOINT [--steps 3] [--prompts 4] [--n 4]
+
+CHECKPOINT must call tools (a cold-started agent, e.g. `python -m mmagent_rl.sft`'s
+output), or nothing triggers. Runs the real trainer with +algo=axpo twice, with vLLM's
+prefix cache on and off, on the same prompts and seeds. Reports per step (median):
+the AXPO round's time (continue + score + advantages) over the GRPO part of the step,
+and how much of the round the prefix cache saves. Last line: one JSON object.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+
+def run(model: str, a, cache: bool) -> dict:
+    import ray
+    from omegaconf import OmegaConf
+
+    from mmagent_rl.config import Config
+    from mmagent_rl.trainer import Trainer
+
+    cfg = OmegaConf.structured(Config)
+    cfg.algo.name = "axpo"
+    cfg.model.path = model
+    cfg.trainer.total_steps = a.steps + 1
+    cfg.trainer.prompts_per_step = a.prompts
+    cfg.trainer.save_final = False
+    cfg.trainer.progress = False
+    cfg.rollout.n = a.n
+    cfg.rollout.agent.max_new_tokens = a.tokens
+    cfg.rollout.engine.enable_prefix_caching = cache
+    cfg.learner.num_workers = 1
+    cfg.logger.jsonl = False
+    tr = Trainer(cfg, "/tmp/mmagent_bench_axpo")
+    rows = [tr.train_step() for _ in range(a.steps + 1)][1:]
+    tr.shutdown()
+    ray.shutdown()
+    axpo = statistics.median(r.get("time/axpo", 0.0) for r in rows)
+    rest = statistics.median(r["time/step"] - r.get("time/axpo", 0.0) for r in rows)
+    return {"axpo_round_s": axpo, "grpo_part_s": rest,
+            "resampled_prefixes": sum(r["axpo/resampled_prefixes"] for r in rows),
+            "extra_token_share": statistics.mean(r["axpo/extra_token_share"] for r in rows)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--prompts", type=int, default=4)
+    ap.add_argument("--n", type=int, default=4)
+    ap.add_argument("--tokens", type=int, default=96)
+    a = ap.parse_args()
+    on, off = run(a.model, a, True), run(a.model, a, False)
+    out = {"cache_on": on, "cache_off": off,
+           "axpo_round_ratio": on["axpo_round_s"] / on["grpo_part_s"],
+           "prefix_cache_saving": 1 - on["axpo_round_s"] / off["axpo_round_s"]
+           if off["axpo_round_s"] > 0 else 0.0}
+    for k, v in out.items():
+        print(f"{k:22s} {v}")
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
