@@ -16,44 +16,26 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import statistics
 import sys
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, "..", "tests"))  # reward_plugins
-os.environ["PYTHONPATH"] = os.pathsep.join(sys.path)
-os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-os.environ.setdefault("WANDB_MODE", "disabled")
+from common import TESTS
+
+sys.path.insert(0, TESTS)  # reward_plugins, for the in-process part
 
 
 def trainer_run(algo: str, a, overrides: dict) -> dict:
     import ray
-    from omegaconf import OmegaConf
 
-    from mmagent_rl.config import Config
-    from mmagent_rl.trainer import Trainer
+    from common import run_steps, stop
 
-    cfg = OmegaConf.structured(Config)
-    cfg.algo.name = algo
-    cfg.trainer.total_steps = a.steps + 1
-    cfg.trainer.prompts_per_step = a.prompts
-    cfg.trainer.save_final = False
-    cfg.trainer.progress = False
-    cfg.rollout.n = a.n
-    cfg.rollout.agent.max_new_tokens = a.tokens
-    cfg.learner.num_workers = 1
-    cfg.logger.jsonl = False
-    cfg.reward.fn = "reward_plugins:shortness_reward"
-    for k, v in overrides.items():
-        OmegaConf.update(cfg, k, v)
-    tr = Trainer(cfg, f"/tmp/mmagent_bench_{algo}")
-    rows = [tr.train_step() for _ in range(a.steps + 1)][1:]  # the first is warm-up
+    rows, tr = run_steps(algo, steps=a.steps, warmup=1, prompts=a.prompts, n=a.n,
+                         tokens=a.tokens, run_dir=f"/tmp/mmagent_bench_{algo}",
+                         overrides=overrides)
     peak = ray.get(tr.learners[0].peak_rss_gib.remote(), timeout=600)
-    tr.shutdown()
-    ray.shutdown()
+    stop(tr)
     med = lambda k: statistics.median(r[k] for r in rows)  # noqa: E731
     return {"step_s": med("time/step"), "learn_s": med("time/learn"),
             "learner_peak_rss_gib": peak}

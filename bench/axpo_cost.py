@@ -12,36 +12,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 
-os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-os.environ.setdefault("WANDB_MODE", "disabled")
 
 
 def run(model: str, a, cache: bool) -> dict:
-    import ray
-    from omegaconf import OmegaConf
+    from common import run_steps, stop
 
-    from mmagent_rl.config import Config
-    from mmagent_rl.trainer import Trainer
-
-    cfg = OmegaConf.structured(Config)
-    cfg.algo.name = "axpo"
-    cfg.model.path = model
-    cfg.trainer.total_steps = a.steps + 1
-    cfg.trainer.prompts_per_step = a.prompts
-    cfg.trainer.save_final = False
-    cfg.trainer.progress = False
-    cfg.rollout.n = a.n
-    cfg.rollout.agent.max_new_tokens = a.tokens
-    cfg.rollout.engine.enable_prefix_caching = cache
-    cfg.learner.num_workers = 1
-    cfg.logger.jsonl = False
-    tr = Trainer(cfg, "/tmp/mmagent_bench_axpo")
-    rows = [tr.train_step() for _ in range(a.steps + 1)][1:]
-    tr.shutdown()
-    ray.shutdown()
+    rows, tr = run_steps("axpo", steps=a.steps, warmup=1, prompts=a.prompts, n=a.n,
+                         tokens=a.tokens, run_dir="/tmp/mmagent_bench_axpo",
+                         overrides={"model.path": model,
+                                    "rollout.engine.enable_prefix_caching": cache,
+                                    "reward.fn": "mmagent_rl.reward.task:default_reward"})
+    stop(tr)
     axpo = statistics.median(r.get("time/axpo", 0.0) for r in rows)
     rest = statistics.median(r["time/step"] - r.get("time/axpo", 0.0) for r in rows)
     return {"axpo_round_s": axpo, "grpo_part_s": rest,

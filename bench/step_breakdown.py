@@ -11,15 +11,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import sys
 import time
-
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
-os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-os.environ.setdefault("WANDB_MODE", "disabled")
 
 
 def main() -> None:
@@ -32,31 +25,13 @@ def main() -> None:
     a = ap.parse_args()
 
     import torch
-    from omegaconf import OmegaConf
 
-    from mmagent_rl.config import Config
-    from mmagent_rl.trainer import Trainer
+    from common import run_steps, stop
 
-    cfg = OmegaConf.structured(Config)
-    cfg.algo.name = "grpo"
-    cfg.trainer.total_steps = a.warmup + a.steps
-    cfg.trainer.prompts_per_step = a.prompts
-    cfg.trainer.save_final = False
-    cfg.trainer.progress = False
-    cfg.rollout.n = a.n
-    cfg.rollout.agent.max_new_tokens = a.tokens
-    cfg.learner.num_workers = 1
-    cfg.logger.jsonl = False
-    cfg.reward.fn = "reward_plugins:shortness_reward"  # non-zero gradients on a random model
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-    os.environ["PYTHONPATH"] = os.pathsep.join(sys.path)
-    trainer = Trainer(cfg, "/tmp/mmagent_bench_step")
-    rows = [trainer.train_step() for _ in range(a.warmup + a.steps)][a.warmup:]
+    rows, trainer = run_steps("grpo", steps=a.steps, warmup=a.warmup, prompts=a.prompts,
+                              n=a.n, tokens=a.tokens, run_dir="/tmp/mmagent_bench_step")
     trajs = trainer.last_trajectories
-    trainer.shutdown()
-    import ray
-
-    ray.shutdown()
+    stop(trainer)
 
     def med(k):
         return statistics.median(r[k] for r in rows)

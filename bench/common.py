@@ -1,0 +1,48 @@
+"""Shared by the bench scripts: a small trainer run on a fixed workload."""
+from __future__ import annotations
+
+import os
+import sys
+
+TESTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests")
+
+
+def run_steps(algo: str, *, steps: int, warmup: int, prompts: int, n: int, tokens: int,
+              run_dir: str, overrides: dict | None = None):
+    """The real trainer (1 learner) for warmup + steps steps. Returns (rows after the
+    warm-up, the trainer, still running: the caller shuts it down)."""
+    from omegaconf import OmegaConf
+
+    from mmagent_rl.config import Config
+    from mmagent_rl.trainer import Trainer
+
+    # reward_plugins (tests/) gives a random model non-zero gradients; Ray workers
+    # import it through PYTHONPATH.
+    if TESTS not in sys.path:
+        sys.path.insert(0, TESTS)
+    os.environ["PYTHONPATH"] = os.pathsep.join(sys.path)
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("WANDB_MODE", "disabled")
+    cfg = OmegaConf.structured(Config)
+    cfg.algo.name = algo
+    cfg.trainer.total_steps = warmup + steps
+    cfg.trainer.prompts_per_step = prompts
+    cfg.trainer.save_final = False
+    cfg.trainer.progress = False
+    cfg.rollout.n = n
+    cfg.rollout.agent.max_new_tokens = tokens
+    cfg.learner.num_workers = 1
+    cfg.logger.jsonl = False
+    cfg.reward.fn = "reward_plugins:shortness_reward"
+    for k, v in (overrides or {}).items():
+        OmegaConf.update(cfg, k, v)
+    trainer = Trainer(cfg, run_dir)
+    rows = [trainer.train_step() for _ in range(warmup + steps)][warmup:]
+    return rows, trainer
+
+
+def stop(trainer) -> None:
+    import ray
+
+    trainer.shutdown()
+    ray.shutdown()
