@@ -109,14 +109,13 @@ def _contains(outer, inner) -> bool:
 
 
 def _snap_axis(lo: int, hi: int, shift: float, cfg: DemoConfig, limit: int) -> tuple[int, int]:
-    """One axis of the box: [x1, x2] around [lo, hi] (target), shifted and snapped."""
-    if cfg.coarse_cell:
-        side = min(cfg.box_side, limit - limit % cfg.coarse_cell)
-        start = (lo + hi) / 2 + shift - side / 2
-        start = round(start / cfg.coarse_cell) * cfg.coarse_cell
-        start = min(max(start, 0), (limit - side) // cfg.coarse_cell * cfg.coarse_cell)
-        return int(start), int(start + side)
-    return lo, hi  # exact mode is handled by the caller
+    """One axis of a coarse box: box_side long, centred on [lo, hi] + shift, its start
+    rounded to a multiple of coarse_cell and kept inside [0, limit]."""
+    cell = cfg.coarse_cell
+    side = min(cfg.box_side, limit - limit % cell)
+    start = round(((lo + hi) / 2 + shift - side / 2) / cell) * cell
+    start = min(max(start, 0), (limit - side) // cell * cell)
+    return int(start), int(start + side)
 
 
 def demo_box(example: Example, rng: random.Random, cfg: DemoConfig) -> tuple[int, int, int, int]:
