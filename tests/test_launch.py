@@ -20,6 +20,8 @@ REQUIRED = ("step", "loss", "reward/mean", "acc/mean", "tool/use_rate", "tool/al
 def launch(args: list[str], timeout: float = 900,
            module: str = "mmagent_rl.launch") -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.path.join(REPO, "tests")]))
+    if not any(a.startswith(("model=", "model.path=")) for a in args):
+        args = ["model=tiny", *args]  # the random tiny model unless a test names another
     return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO,
                           env=env, capture_output=True, text=True, timeout=timeout)
 

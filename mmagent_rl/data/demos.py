@@ -118,8 +118,12 @@ def _snap_axis(lo: int, hi: int, shift: float, cfg: DemoConfig, limit: int) -> t
     return int(start), int(start + side)
 
 
-def demo_box(example: Example, rng: random.Random, cfg: DemoConfig) -> tuple[int, int, int, int]:
-    """The tool call's box: jittered, snapped, inside the image, containing the target."""
+def demo_box(example: Example, rng: random.Random, cfg: DemoConfig,
+             strict: bool = True) -> tuple[int, int, int, int]:
+    """The tool call's box: jittered, snapped, inside the image, containing the target.
+
+    ``strict=False`` (coarse mode only): a target too big for ``box_side`` gets the
+    box centred on it instead of an error (curricula with enlarged targets)."""
     w, h = example.image.size
     tb = example.target_box
     if tb is None:
@@ -137,7 +141,7 @@ def demo_box(example: Example, rng: random.Random, cfg: DemoConfig) -> tuple[int
             x2 = min(w, round(tb[2] + m[2] + sx))
             y2 = min(h, round(tb[3] + m[3] + sy))
         box = (x1, y1, x2, y2)
-        if _contains(box, tb):
+        if _contains(box, tb) or (not strict and cfg.coarse_cell and attempt == 7):
             return box
     raise ValueError(f"cannot place a box containing {tb} with {cfg} in a {w}x{h} image")
 
@@ -145,8 +149,9 @@ def demo_box(example: Example, rng: random.Random, cfg: DemoConfig) -> tuple[int
 # ---- building ---------------------------------------------------------------------
 
 def make_demo(example: Example, chat: ChatFormat, rng: random.Random,
-              cfg: DemoConfig = DemoConfig()) -> Demo:
-    """The demonstration of one example; tokens are built turn by turn like a rollout."""
+              cfg: DemoConfig = DemoConfig(), strict: bool = True) -> Demo:
+    """The demonstration of one example; tokens are built turn by turn like a rollout.
+    ``strict``: see :func:`demo_box`."""
     image = example.image
     messages: list[dict[str, Any]] = [
         {"role": "system", "content": [{"type": "text", "text": chat.system_prompt}]},
@@ -167,7 +172,7 @@ def make_demo(example: Example, chat: ChatFormat, rng: random.Random,
     if example.meta.get("easy"):
         assistant(f"{cfg.think_easy} {final_text(example)}", end_turn=True)
     else:
-        box = demo_box(example, rng, cfg)
+        box = demo_box(example, rng, cfg, strict)
         assistant(f"{cfg.think} {tool_call_text(box, label_text(example, cfg.label))}",
                   end_turn=False)
         crop, _ = zoom(image, box, out_max_side=cfg.zoom_out_max_side)
