@@ -154,3 +154,102 @@ def test_unknown_extension(tmp_path):
     (tmp_path / "data.csv").write_text("image,question,answer\n")
     with pytest.raises(ValueError, match="extension"):
         load_examples(tmp_path / "data.csv")
+
+
+# --- more bad files (each one a real file in tmp_path) ---------------------------------
+
+def png_with_header(width: int, height: int) -> bytes:
+    """A PNG whose header announces width x height, with a tiny body: PIL reads the size
+    without decoding anything (a decompression bomb, or a zero-size image)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(
+            ">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr)
+            + chunk(b"IDAT", zlib.compress(b"\x00" * 16)) + chunk(b"IEND", b""))
+
+
+def test_more_bad_files_skipped_and_counted(tmp_path, monkeypatch):
+    import os
+
+    from PIL import ImageFile
+
+    d = tmp_path / "imgs"
+    d.mkdir()
+    (d / "good.png").write_bytes(png_bytes())
+    (d / "bomb.png").write_bytes(png_with_header(300_000, 300_000))  # 9e10 pixels
+    (d / "zero.png").write_bytes(png_with_header(0, 10))
+    (d / "truncated.png").write_bytes(noisy_png_bytes()[:1500])
+    (d / "big.png").write_bytes(png_bytes() + b"\x00" * 5000)  # over max_image_bytes
+    os.mkfifo(d / "fifo.png")  # reading it would block forever
+    buf = io.BytesIO()
+    Image.new("CMYK", (8, 8)).save(buf, "JPEG")
+    (d / "cmyk.jpg").write_bytes(buf.getvalue())
+    buf = io.BytesIO()
+    Image.new("I;16", (8, 8)).save(buf, "PNG")
+    (d / "gray16.png").write_bytes(buf.getvalue())
+    rows = [
+        good_row("imgs/good.png"),
+        good_row("imgs/cmyk.jpg"),  # unusual modes are fine: converted to RGB
+        good_row("imgs/gray16.png"),
+        good_row("imgs/bomb.png"),
+        good_row("imgs/zero.png"),
+        good_row("imgs/truncated.png"),
+        good_row("imgs/big.png"),
+        good_row("imgs/fifo.png"),
+        good_row("/dev/zero"),  # endless: must not be read
+        good_row(["imgs/good.png"]),
+        good_row("imgs/good.png", target_box=[0, 0, float("nan"), 5]),
+        {"image": "imgs/good.png", "question": "  ", "answer": "red"},
+        {"image": "imgs/good.png", "question": "q", "answer": "red", "id": 1.5},
+    ]
+    write_jsonl(tmp_path / "data.jsonl", rows)
+    with open(tmp_path / "data.jsonl", "ab") as f:
+        f.write(b'{"image": "imgs/good.png", "question": "\xff\xfe", "answer": "a"}\n')
+        f.write(b"\xff\xfe\x00garbage\n")
+    # A library that turned truncated images on process-wide must not change anything.
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
+    result = load_examples(tmp_path / "data.jsonl", max_image_bytes=3000)
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is True  # restored
+    assert [e.image.mode for e in result.examples] == ["RGB"] * 4
+    assert result.examples[-1].question == "\ufffd\ufffd"  # bad bytes replaced, row kept
+    assert result.skipped == {
+        "image_too_large": 1, "image_corrupt": 1,
+        "image_not_an_image": 1,  # zero.png: PIL does not take a 0 x 10 PNG header
+        "image_file_too_big": 1, "image_unreadable": 2, "wrong_type:image": 1,
+        "bad_target_box": 1, "empty:question": 1, "wrong_type:id": 1, "bad_json": 1,
+    }
+
+
+def test_missing_or_unreadable_data_file_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        load_examples(tmp_path / "nope.jsonl")
+    (tmp_path / "broken.parquet").write_bytes(b"PAR1 this is not parquet")
+    with pytest.raises(ValueError, match="cannot read data file"):
+        load_examples(tmp_path / "broken.parquet")
+    (tmp_path / "dir.jsonl").mkdir()
+    with pytest.raises(ValueError, match="not a regular file"):
+        load_examples(tmp_path / "dir.jsonl")
+
+
+def test_parquet_without_a_column_and_cut_short(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    pq.write_table(pa.table({"image": [png_bytes()], "answer": ["a"]}), tmp_path / "a.parquet")
+    with pytest.raises(ValueError, match="missing_column:question"):
+        load_examples(tmp_path / "a.parquet")
+    # Two row groups, the second one's bytes destroyed: the first is kept, the rest
+    # counted.
+    table = pa.table({"image": [png_bytes()] * 4, "question": ["q"] * 4, "answer": ["a"] * 4})
+    pq.write_table(table, tmp_path / "b.parquet", row_group_size=2, compression="none")
+    data = bytearray((tmp_path / "b.parquet").read_bytes())
+    meta = pq.ParquetFile(tmp_path / "b.parquet").metadata
+    col = meta.row_group(1).column(0)
+    start = col.dictionary_page_offset or col.data_page_offset
+    data[start:start + 64] = b"\xff" * 64
+    (tmp_path / "b.parquet").write_bytes(bytes(data))
+    result = load_examples(tmp_path / "b.parquet")
+    assert len(result.examples) == 2 and result.skipped == {"file_read_error": 1}

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
+from PIL import Image, ImageFile
 
 from mmagent_rl.data.example import Example
 from mmagent_rl.tools.zoom import is_valid_box
@@ -65,13 +65,15 @@ def _iter_parquet(path: Path) -> Iterator[tuple[int, Any]]:
     import pyarrow.parquet as pq  # lazy: only parquet users need pyarrow
 
     row_no = 0
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=256):
-        for row in batch.to_pylist():
-            row_no += 1
-            yield row_no, row
+    pf = pq.ParquetFile(path)
+    for group in range(pf.num_row_groups):  # one at a time: a corrupt one ends the read there
+        for batch in pf.iter_batches(batch_size=256, row_groups=[group]):
+            for row in batch.to_pylist():
+                row_no += 1
+                yield row_no, row
 
 
-def _image_bytes(value: Any, base_dir: Path) -> bytes:
+def _image_bytes(value: Any, base_dir: Path, max_bytes: int = 2**62) -> bytes:
     """The encoded image file for any supported ``image`` value."""
     if isinstance(value, dict):  # e.g. the HF datasets Image feature {"bytes", "path"}
         value = value.get("bytes") if value.get("bytes") is not None else value.get("path")
@@ -86,11 +88,17 @@ def _image_bytes(value: Any, base_dir: Path) -> bytes:
             raise _SkipRow("image_bad_base64", str(exc)) from None
     file = Path(value) if Path(value).is_absolute() else base_dir / value
     try:
+        if not file.is_file():  # a directory, a FIFO (would block), /dev/zero (endless)
+            if not file.exists():
+                raise FileNotFoundError(value)
+            raise _SkipRow("image_unreadable", f"{file}: not a regular file")
+        if file.stat().st_size > max_bytes:
+            raise _SkipRow("image_file_too_big", f"{file}: {file.stat().st_size} bytes")
         return file.read_bytes()
     except FileNotFoundError:
         raise _SkipRow("image_file_not_found", str(file)) from None
-    except OSError as exc:  # a directory, no permission, ...
-        raise _SkipRow("image_unreadable", f"{file}: {exc}") from None
+    except (OSError, ValueError) as exc:  # no permission, a NUL in the path, ...
+        raise _SkipRow("image_unreadable", f"{file}: {exc}"[:200]) from None
 
 
 def _decode_image(data: bytes, max_pixels: int) -> Image.Image:
@@ -125,7 +133,8 @@ def _target_box(value: Any, width: int, height: int) -> tuple[int, int, int, int
     return (math.floor(x1), math.floor(y1), math.ceil(x2), math.ceil(y2))
 
 
-def _row_to_example(row: Any, row_no: int, base_dir: Path, stem: str, max_pixels: int) -> Example:
+def _row_to_example(row: Any, row_no: int, base_dir: Path, stem: str, max_pixels: int,
+                    max_bytes: int = 2**62) -> Example:
     if isinstance(row, _SkipRow):
         raise row
     if not isinstance(row, dict):
@@ -142,7 +151,7 @@ def _row_to_example(row: Any, row_no: int, base_dir: Path, stem: str, max_pixels
     if row_id is not None and (isinstance(row_id, bool) or not isinstance(row_id, (str, int))):
         raise _SkipRow("wrong_type:id", type(row_id).__name__)
 
-    image = _decode_image(_image_bytes(row["image"], base_dir), max_pixels)
+    image = _decode_image(_image_bytes(row["image"], base_dir, max_bytes), max_pixels)
     return Example(
         id=str(row_id) if row_id is not None else f"{stem}-{row_no}",
         image=image,
@@ -153,37 +162,57 @@ def _row_to_example(row: Any, row_no: int, base_dir: Path, stem: str, max_pixels
     )
 
 
-def load_examples(path: str | Path, max_image_pixels: int = 64_000_000) -> LoadResult:
+def load_examples(path: str | Path, max_image_pixels: int = 64_000_000,
+                  max_image_bytes: int = 256 * 2**20) -> LoadResult:
     """Load every usable row of a .jsonl or .parquet file; see the module docstring.
 
-    Raises ValueError for an unknown extension or when no row is usable.
+    Raises ValueError for an unknown extension, a missing or unreadable data file, or
+    when no row is usable. If the file breaks part-way (a corrupt parquet row group),
+    the rows read so far are kept and the rest is counted as ``file_read_error``.
     """
     path = Path(path)
     readers = {".jsonl": _iter_jsonl, ".parquet": _iter_parquet}
     if path.suffix.lower() not in readers:
         raise ValueError(f"unknown data file extension {path.suffix!r} for {path}; "
                          f"expected one of {sorted(readers)}")
+    if not path.is_file():
+        raise ValueError(f"data file {path} does not exist or is not a regular file")
 
     examples: list[Example] = []
     skipped: Counter = Counter()
     first_detail: dict[str, str] = {}
-    saved_limit = Image.MAX_IMAGE_PIXELS
+    saved = Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES
     # PIL's bomb check uses a process-wide limit: raise it to ours while loading (and
-    # turn its warning into an error) so max_image_pixels is what decides.
+    # turn its warning into an error) so max_image_pixels is what decides. Truncated
+    # images must fail even if some library allowed them process-wide.
     # Not thread-safe; loading happens once, at start-up.
-    Image.MAX_IMAGE_PIXELS = max_image_pixels
+    Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = max_image_pixels, False
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            for row_no, row in readers[path.suffix.lower()](path):
+            rows = readers[path.suffix.lower()](path)
+            row_no = 0
+            while True:
+                try:
+                    row_no, row = next(rows)
+                except StopIteration:
+                    break
+                except Exception as exc:  # the file itself: not a parquet file, cut, ...
+                    if not examples:
+                        raise ValueError(f"cannot read data file {path}: "
+                                         f"{type(exc).__name__}: {exc}"[:500]) from exc
+                    skipped["file_read_error"] += 1
+                    first_detail["file_read_error"] = \
+                        f"after row {row_no}: {type(exc).__name__}: {exc}"[:200]
+                    break
                 try:
                     examples.append(_row_to_example(row, row_no, path.parent, path.stem,
-                                                    max_image_pixels))
+                                                    max_image_pixels, max_image_bytes))
                 except _SkipRow as skip:
                     skipped[skip.reason] += 1
                     first_detail.setdefault(skip.reason, f"row {row_no} {skip.detail}".strip())
     finally:
-        Image.MAX_IMAGE_PIXELS = saved_limit
+        Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = saved
 
     for reason, count in sorted(skipped.items()):
         log.warning("%s: skipped %d row(s) for %s (first: %s)",

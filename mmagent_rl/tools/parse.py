@@ -56,13 +56,26 @@ def has_unterminated_call(text: str) -> bool:
     return start >= 0 and text.find(TOOL_CALL_CLOSE, start) < 0
 
 
+def inert_text(text: str) -> str:
+    """Model-written text made safe to echo back in an observation.
+
+    The observation is re-tokenized, and a tokenizer turns the *text* ``<|image_pad|>``
+    (which the model can spell with ordinary tokens) into the structural token: an
+    image placeholder without an image, which breaks the engine and the learner. Every
+    added token of the Qwen-VL tokenizers starts with "<", so "<" is escaped. Lone
+    surrogates (JSON allows ``"\\ud800"``) cannot be tokenized: they become "?".
+    Idempotent."""
+    return text.encode("utf-8", "replace").decode("utf-8").replace("<", "&lt;")
+
+
 def _short(value: object, limit: int = 80) -> str:
-    """repr() capped, so a garbage call cannot blow up the observation."""
+    """repr() capped and made inert, so a garbage call cannot blow up the observation."""
     try:
         text = repr(value)
     except Exception:  # exotic objects; cannot come from json but stay total
-        text = f"<{type(value).__name__}>"
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+        text = f"{type(value).__name__} object"
+    text = text if len(text) <= limit else text[: limit - 3] + "..."
+    return inert_text(text)
 
 
 def _error(message: str, name: str | None = None) -> ParsedCall:
@@ -120,6 +133,7 @@ def parse_tool_call(raw: str) -> ParsedCall:
     if label is not None:
         if not isinstance(label, str):
             return _error(f'"label" must be a string, got {type(label).__name__}', name)
-        label = label.strip()[:MAX_LABEL_CHARS]
+        # Lone surrogates (from "\\udXXX" escapes) would crash any tokenizer later.
+        label = label.encode("utf-8", "replace").decode("utf-8").strip()[:MAX_LABEL_CHARS]
 
     return ParsedCall(name=name, bbox=tuple(coords), label=label, error=None)
