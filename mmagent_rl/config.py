@@ -5,6 +5,7 @@ them, so an unknown key or a wrong type fails at start, before any actor exists.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -31,6 +32,13 @@ class ModelConfig:
     tiny_family: str = "qwen2_5_vl"  # or qwen3_vl
     dtype: str = "float32"
     system_prompt: Optional[str] = None  # None = the default tool prompt
+    # Image resolution bounds (pixels after resizing) for the learner's processor and
+    # vLLM's (mm_processor_kwargs); null = the checkpoint's preprocessor_config.json.
+    # rollout.engine.min_pixels/max_pixels follow these (conf/config.yaml).
+    min_pixels: Optional[int] = None
+    max_pixels: Optional[int] = None
+    attn_implementation: str = "sdpa"  # the HF learner's attention (eager, sdpa, ...)
+    gradient_checkpointing: bool = False  # learner: recompute activations in backward
 
 
 @dataclass
@@ -42,6 +50,9 @@ class DataConfig:
     train_size: int = 100_000
     eval_size: int = 64
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    # kind=file: rows whose image is larger are skipped (decompression bombs)
+    max_image_pixels: int = 64_000_000
+    max_image_bytes: int = 256 * 2**20
 
 
 @dataclass
@@ -101,6 +112,9 @@ class AlgoConfig:
 @dataclass
 class SyncConfig:
     backend: str = "object_store"
+    # > 0: send the weights as objects of at most this many MB, loaded one at a time
+    # (less extra memory on learner and engine); 0: one object (mmagent_rl/learner/sync.py)
+    bucket_mb: float = 0.0
 
 
 @dataclass
@@ -114,6 +128,15 @@ class TrainerConfig:
     ray_num_cpus: Optional[float] = None
     step_timeout_s: float = 1800.0
     max_refill_rounds: int = 3  # dynamic sampling (algo.grpo.dynamic_sampling)
+    # A step whose loss or gradients are NaN/inf is skipped (no update); after this many
+    # in a row the run stops cleanly (metrics and a checkpoint saved). 0 = never stop.
+    max_nonfinite_steps: int = 3
+    # Every N steps a full checkpoint in <run dir>/checkpoints/step_<N>/ (0 = off):
+    # weights, optimizer, LR schedule, data position, RNG states (mmagent_rl/checkpoint.py)
+    save_every: int = 0
+    keep_checkpoints: int = 2  # the newest N step_<N> checkpoints are kept
+    # none | auto (the latest complete checkpoint under the run dir, if any) | a path
+    resume: str = "none"
 
 
 @dataclass
@@ -142,6 +165,11 @@ class LoggerConfig:
     jsonl: bool = True
     wandb: bool = False
     project: str = "mmagent_rl"
+    # auto = online if WANDB_API_KEY is set, else offline (a WANDB_MODE variable wins).
+    # A wandb failure warns and falls back (online -> offline -> disabled).
+    wandb_mode: str = "auto"
+    wandb_init_timeout_s: float = 30.0  # an online init that has not connected by then falls back
+    tensorboard: bool = False  # scalars in <run dir>/tensorboard (torch.utils.tensorboard)
 
 
 @dataclass
@@ -157,6 +185,9 @@ class Config:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
+    # the run's seed; conf/config.yaml makes trainer.seed follow it, so a sweep can say
+    # `seed=0,1` (trainer.seed=... still overrides it alone)
+    seed: int = 0
 
 
 def register() -> None:
@@ -183,6 +214,7 @@ def validate(cfg: Config) -> None:
     """Checks that types alone cannot express; fails before any actor starts."""
     _choice("algo.name", cfg.algo.name, ALGORITHMS)
     validate_common(cfg)
+    validate_placement(cfg)
 
 
 def validate_common(cfg: Config) -> None:
@@ -209,3 +241,106 @@ def validate_common(cfg: Config) -> None:
             f"rollout.engine.max_images_per_prompt >= {agent.max_turns + 1}")
     if agent.max_total_tokens > cfg.rollout.engine.max_model_len:
         raise ValueError("rollout.agent.max_total_tokens must be <= rollout.engine.max_model_len")
+    _validate_model_and_run(cfg)
+
+
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3",
+                        "flex_attention")
+WANDB_MODES = ("auto", "online", "offline", "disabled")
+
+
+def _validate_model_and_run(cfg: Config) -> None:
+    """The model knobs, logging, checkpoint and resume keys."""
+    m, eng = cfg.model, cfg.rollout.engine
+    _choice("model.attn_implementation", m.attn_implementation, ATTN_IMPLEMENTATIONS)
+    _choice("logger.wandb_mode", cfg.logger.wandb_mode, WANDB_MODES)
+    for key, v in (("model.min_pixels", m.min_pixels), ("model.max_pixels", m.max_pixels)):
+        if v is not None and v < 1:
+            raise ValueError(f"{key}={v} must be >= 1 (pixels), or null for the "
+                             "checkpoint's own setting")
+    if m.min_pixels is not None and m.max_pixels is not None and m.min_pixels > m.max_pixels:
+        raise ValueError(f"model.min_pixels={m.min_pixels} must be <= "
+                         f"model.max_pixels={m.max_pixels}")
+    for name in ("min_pixels", "max_pixels"):
+        if getattr(eng, name) != getattr(m, name):
+            raise ValueError(
+                f"rollout.engine.{name}={getattr(eng, name)} differs from model.{name}="
+                f"{getattr(m, name)}: engine and learner must resize images alike (conf/"
+                f"config.yaml makes the engine follow model.{name}: set that one)")
+    if cfg.trainer.save_every < 0:
+        raise ValueError(f"trainer.save_every={cfg.trainer.save_every} must be >= 0 "
+                         "(0 = no periodic checkpoints)")
+    if cfg.trainer.keep_checkpoints < 1:
+        raise ValueError(f"trainer.keep_checkpoints={cfg.trainer.keep_checkpoints} must "
+                         "be >= 1")
+    if not cfg.trainer.resume:
+        raise ValueError("trainer.resume='' is not valid; valid: none, auto or the path "
+                         "of a checkpoint folder (checkpoints/step_<N>)")
+
+
+def _actors(cfg: Config) -> list[tuple[str, int, float, float]]:
+    """(config section, count, CPUs each, GPUs each) of every actor an RL run starts."""
+    return [("rollout", cfg.rollout.num_workers, cfg.rollout.num_cpus, cfg.rollout.num_gpus),
+            ("learner", cfg.learner.num_workers, cfg.learner.num_cpus, cfg.learner.num_gpus),
+            ("reward", 1, cfg.reward.num_cpus, cfg.reward.num_gpus)]
+
+
+def validate_placement(cfg: Config) -> None:
+    """Placements that can never be scheduled, and batch shapes that cannot work: they
+    fail here, before Ray or any actor starts, naming the keys and the limits."""
+    for sec, _, cpus, gpus in _actors(cfg):
+        if cpus < 0:
+            raise ValueError(f"{sec}.num_cpus={cpus} must be >= 0")
+        if gpus < 0:
+            raise ValueError(f"{sec}.num_gpus={gpus} must be >= 0")
+        if gpus > 1 and gpus != int(gpus):
+            raise ValueError(
+                f"{sec}.num_gpus={gpus}: a request above one GPU must be a whole number "
+                f"of GPUs (Ray cannot split it); valid: a fraction <= 1, or "
+                f"{int(gpus)} or {int(gpus) + 1}")
+    tp, rg = cfg.rollout.engine.tensor_parallel_size, cfg.rollout.num_gpus
+    if tp < 1:
+        raise ValueError(f"rollout.engine.tensor_parallel_size={tp} must be >= 1")
+    if rg > 0 and tp > 1 and (rg != int(rg) or int(rg) % tp):
+        valid = [d for d in range(1, int(rg) + 1) if int(rg) % d == 0] if rg >= 1 else [1]
+        raise ValueError(
+            f"rollout.engine.tensor_parallel_size={tp} does not divide rollout.num_gpus={rg} "
+            f"(the GPUs of one rollout worker: vLLM needs one GPU per tensor-parallel "
+            f"rank inside it); valid tensor_parallel_size: {valid}, or set "
+            f"rollout.num_gpus={tp}")
+    L, T = cfg.learner, cfg.trainer
+    per_learner = T.prompts_per_step * cfg.rollout.n / L.num_workers
+    if L.micro_batch_size > math.ceil(per_learner):
+        raise ValueError(
+            f"learner.micro_batch_size={L.micro_batch_size} is larger than the per-learner "
+            f"batch: trainer.prompts_per_step={T.prompts_per_step} x rollout.n="
+            f"{cfg.rollout.n} / learner.num_workers={L.num_workers} = "
+            f"{math.ceil(per_learner)} trajectories; valid: learner.micro_batch_size <= "
+            f"{math.ceil(per_learner)}")
+    if T.ray_num_cpus is not None:
+        check_resources(cfg, {"CPU": T.ray_num_cpus}, source="trainer.ray_num_cpus")
+
+
+def check_resources(cfg: Config, resources: dict, source: str = "the Ray cluster") -> None:
+    """The run's total CPU/GPU requests against what a cluster has (``resources`` as
+    ``ray.cluster_resources()`` gives it; a resource it does not name is not checked,
+    except GPUs: none named means none)."""
+    acts = _actors(cfg)
+
+    def detail(i: int) -> str:  # i = 2: CPUs, 3: GPUs
+        unit = "cpus" if i == 2 else "gpus"
+        return " + ".join(f"{a[i]:g} (reward.num_{unit})" if a[0] == "reward" else
+                          f"{a[1]} x {a[i]:g} ({a[0]}.num_workers x {a[0]}.num_{unit})"
+                          for a in acts)
+
+    cpus = sum(n * c for _, n, c, _ in acts)
+    gpus = sum(n * g for _, n, _, g in acts)
+    have_cpu = resources.get("CPU")
+    if have_cpu is not None and cpus > have_cpu + 1e-9:
+        raise ValueError(f"the actors ask for {cpus:g} CPUs = {detail(2)}, but {source} "
+                         f"has {have_cpu:g}; lower the num_cpus keys or num_workers")
+    if "GPU" in resources or source == "the Ray cluster":
+        have_gpu = resources.get("GPU", 0.0)
+        if gpus > have_gpu + 1e-9:
+            raise ValueError(f"the actors ask for {gpus:g} GPUs = {detail(3)}, but {source} "
+                             f"has {have_gpu:g}; lower the num_gpus keys or num_workers")

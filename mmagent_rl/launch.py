@@ -2,11 +2,14 @@
 
 The run directory is Hydra's (``hydra.run.dir=...`` works); it receives
 ``metrics.jsonl``, the resolved ``config.yaml`` and ``checkpoints/final``.
+A run the trainer stops early (``trainer.max_nonfinite_steps`` non-finite steps in a
+row) exits with status 3 after printing the reason (the final checkpoint is still saved).
 """
 from __future__ import annotations
 
 import logging
 import os
+import sys
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -16,6 +19,7 @@ from mmagent_rl.config import register
 
 register()
 log = logging.getLogger("mmagent_rl")
+EXIT_STOPPED = 3  # exit status of a run the trainer stopped early (Trainer.stop_reason)
 
 
 def run(cfg: DictConfig, run_dir: str) -> list[dict]:
@@ -25,9 +29,14 @@ def run(cfg: DictConfig, run_dir: str) -> list[dict]:
         raise SystemExit("choose an algorithm: +algo=grpo (valid: grpo)")
     trainer = Trainer(cfg, run_dir)
     try:
-        return trainer.fit()
+        history = trainer.fit()
     finally:
         trainer.shutdown()
+    if trainer.stop_reason:  # e.g. trainer.max_nonfinite_steps skipped steps in a row
+        print(f"mmagent_rl: run stopped early: {trainer.stop_reason}", file=sys.stderr,
+              flush=True)
+        raise SystemExit(EXIT_STOPPED)
+    return history
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")

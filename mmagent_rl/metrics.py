@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from statistics import mean
 
 from mmagent_rl.trajectory import Trajectory, group_by_prompt
+
+log = logging.getLogger(__name__)
 
 
 def rollout_metrics(trajs: list[Trajectory]) -> dict[str, float]:
@@ -68,3 +71,192 @@ class JsonlLogger:
 
     def close(self) -> None:
         self._f.close()
+
+
+def truncate_jsonl(path: str, max_step: int) -> int:
+    """Drop the records of steps after ``max_step`` (a resumed run writes them again);
+    lines that do not parse are kept. Atomic (temp file + rename). Returns the number
+    of records dropped."""
+    if not os.path.exists(path):
+        return 0
+    kept, dropped = [], 0
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                step = json.loads(line).get("step")
+            except (ValueError, AttributeError):
+                step = None
+            if isinstance(step, (int, float)) and step > max_step:
+                dropped += 1
+            else:
+                kept.append(line if line.endswith("\n") else line + "\n")
+    if dropped:
+        tmp = path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(kept)
+        os.replace(tmp, path)
+    return dropped
+
+
+def resolve_wandb_mode(mode: str, env=None) -> str:
+    """``logger.wandb_mode``: auto = the WANDB_MODE variable if set, else online when
+    WANDB_API_KEY is set, else offline. Other values are used as they are."""
+    env = os.environ if env is None else env
+    if mode != "auto":
+        return mode
+    if env.get("WANDB_MODE") in ("online", "offline", "disabled"):
+        return env["WANDB_MODE"]
+    return "online" if env.get("WANDB_API_KEY") else "offline"
+
+
+def _scalars(record: dict) -> dict:
+    return {k: float(v) for k, v in record.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"}
+
+
+class WandbLogger:
+    """wandb run in ``<run dir>/wandb``. It never fails the run: an init that fails
+    warns and falls back (online -> offline -> disabled), and a failing log or finish
+    warns once and turns wandb off for the rest of the run."""
+
+    FALLBACK = {"online": ("online", "offline"), "offline": ("offline",), "disabled": ()}
+
+    def __init__(self, run_dir: str, project: str, config: dict, mode: str,
+                 run_id: str | None = None, init_timeout: float = 30.0):
+        self.run, self.mode = None, "disabled"
+        modes = self.FALLBACK.get(resolve_wandb_mode(mode), ())
+        if not modes:
+            return
+        try:
+            import wandb
+        except Exception as e:  # noqa: BLE001 - never fail the run for logging
+            log.warning("logger.wandb=true but wandb cannot be imported (%s); not logging "
+                        "to wandb", e)
+            return
+        for m in modes:
+            try:
+                self.run = wandb.init(
+                    project=project, dir=run_dir, config=config, mode=m, id=run_id,
+                    resume="allow" if run_id else None,
+                    settings=wandb.Settings(init_timeout=init_timeout, console="off"))
+                self.mode = m
+                break
+            except Exception as e:  # noqa: BLE001
+                nxt = "offline" if m == "online" else "disabled (no wandb logging)"
+                log.warning("wandb init in %s mode failed (%s: %s); falling back to %s",
+                            m, type(e).__name__, str(e)[:300], nxt)
+                try:
+                    wandb.finish(exit_code=1)
+                except Exception:  # noqa: BLE001
+                    pass
+        if self.run is not None:
+            log.info("wandb: %s run %s in %s", self.mode, self.run.id,
+                     os.path.join(run_dir, "wandb"))
+
+    @property
+    def run_id(self) -> str | None:
+        return self.run.id if self.run is not None else None
+
+    def _guard(self, what: str, fn) -> None:
+        if self.run is None:
+            return
+        try:
+            fn()
+        except Exception as e:  # noqa: BLE001
+            log.warning("wandb %s failed (%s: %s); wandb logging is off for the rest of "
+                        "the run", what, type(e).__name__, str(e)[:300])
+            self.run = None
+
+    def log(self, record: dict) -> None:
+        step = record.get("step")
+        self._guard("log", lambda: self.run.log(_scalars(record), step=step))
+
+    def summary(self, values: dict) -> None:
+        self._guard("summary", lambda: self.run.summary.update(values))
+
+    def close(self) -> None:
+        self._guard("finish", lambda: self.run.finish())
+        self.run = None
+
+
+class TensorBoardLogger:
+    """Scalars in ``<run dir>/tensorboard`` via torch.utils.tensorboard (needs the
+    ``tensorboard`` package; without it: a warning, nothing is written)."""
+
+    def __init__(self, log_dir: str, purge_step: int | None = None):
+        self.writer = None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as e:
+            log.warning("logger.tensorboard=true but the tensorboard package is not "
+                        "importable (%s): pip install tensorboard==2.21.0. No TensorBoard "
+                        "scalars are written.", e)
+            return
+        self.writer = SummaryWriter(log_dir=log_dir, purge_step=purge_step)
+
+    def log(self, record: dict) -> None:
+        if self.writer is None:
+            return
+        step = int(record.get("step", 0))
+        for k, v in _scalars(record).items():
+            self.writer.add_scalar(k, v, step)
+        self.writer.flush()
+
+    def summary(self, values: dict) -> None:
+        if self.writer is not None:
+            for k, v in _scalars(values).items():
+                self.writer.add_scalar(k, v, 0)
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+
+class RunLogger:
+    """Every step's metrics to metrics.jsonl (key names unchanged) and, when enabled,
+    to wandb (``logger.wandb``) and TensorBoard (``logger.tensorboard``).
+
+    ``resume_step`` (> 0 on a resumed run): TensorBoard drops its events after that
+    step, and ``wandb_id`` continues the same wandb run."""
+
+    def __init__(self, cfg, run_dir: str, *, resume_step: int = 0,
+                 wandb_id: str | None = None):
+        import dataclasses
+
+        lc = cfg.logger
+        self.jsonl = JsonlLogger(os.path.join(run_dir, "metrics.jsonl")) if lc.jsonl else None
+        self.wandb = None
+        if lc.wandb:
+            config = dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else dict(cfg)
+            self.wandb = WandbLogger(run_dir, lc.project, config, lc.wandb_mode,
+                                     run_id=wandb_id, init_timeout=lc.wandb_init_timeout_s)
+        self.tb = TensorBoardLogger(os.path.join(run_dir, "tensorboard"),
+                                    purge_step=resume_step + 1 if resume_step else None) \
+            if lc.tensorboard else None
+
+    @property
+    def wandb_id(self) -> str | None:
+        return self.wandb.run_id if self.wandb is not None else None
+
+    def _sinks(self):
+        return [s for s in (self.jsonl, self.wandb, self.tb) if s is not None]
+
+    def log(self, record: dict) -> None:
+        for s in self._sinks():
+            s.log(record)
+
+    def summary(self, values: dict) -> None:
+        """Final figures (e.g. an evaluation): wandb's run summary, TensorBoard scalars
+        at step 0; not written to metrics.jsonl."""
+        for s in (self.wandb, self.tb):
+            if s is not None:
+                s.summary(values)
+
+    def close(self) -> None:
+        for s in self._sinks():
+            s.close()
+
+    def __bool__(self) -> bool:
+        return bool(self._sinks())

@@ -1,7 +1,8 @@
 """The driver loop: generate -> score -> advantages -> learn -> sync, every step.
 
-The driver only calls actor methods (generate, score, train_step, export_weights,
-load_weights, save); it never reaches into an actor.
+The driver only calls actor methods (generate, score, train_step, save); it never
+reaches into an actor. Weight sync runs learner/sync.py's functions inside the learner
+and rollout actors (``actor.__ray_call__``).
 """
 from __future__ import annotations
 
@@ -16,8 +17,8 @@ import time
 from omegaconf import OmegaConf
 
 from mmagent_rl import algos
-from mmagent_rl.config import Config, system_prompt, validate
-from mmagent_rl.metrics import JsonlLogger, rollout_metrics
+from mmagent_rl.config import Config, check_resources, system_prompt, validate
+from mmagent_rl.metrics import JsonlLogger, RunLogger, rollout_metrics  # noqa: F401
 from mmagent_rl.learner.worker import finalize_metrics
 from mmagent_rl.trajectory import Trajectory, group_by_prompt
 
@@ -27,13 +28,19 @@ log = logging.getLogger(__name__)
 def resolve_model_path(cfg: Config) -> str:
     if cfg.model.path:
         return cfg.model.path
+    if cfg.model.name == "embedded":  # the shipped SFT agent (mmagent_rl/models/embedded.py)
+        from mmagent_rl.models.embedded import embedded_path
+
+        return embedded_path()
     from mmagent_rl.models.tiny import TinySpec, ensure_tiny_model
 
     return str(ensure_tiny_model(TinySpec(family=cfg.model.tiny_family,
                                          seed=cfg.model.tiny_seed)))
 
 
-def make_dataset(cfg: Config, split: str = "train"):
+def make_dataset(cfg: Config, split: str = "train", skipped: dict | None = None):
+    """The examples of ``split``. For file data, ``skipped`` (if given) receives the
+    number of bad rows skipped per reason."""
     if cfg.data.kind == "synthetic":
         from mmagent_rl.data.synthetic import SyntheticDataset
 
@@ -45,11 +52,43 @@ def make_dataset(cfg: Config, split: str = "train"):
     from mmagent_rl.data.datasets import load_examples
 
     path = cfg.data.path if split == "train" else (cfg.data.eval_path or cfg.data.path)
-    result = load_examples(path)
+    result = load_examples(path, max_image_pixels=cfg.data.max_image_pixels,
+                           max_image_bytes=cfg.data.max_image_bytes)
     if result.skipped:
         log.warning("data: skipped %d rows: %s", sum(result.skipped.values()),
                     dict(result.skipped))
+    if skipped is not None:
+        skipped.update(result.skipped)
     return result.examples
+
+
+def data_metrics(skipped: dict, usable: int) -> dict:
+    """``data/skipped_<reason>`` counts, their total and the usable rows, for
+    metrics.jsonl (file data)."""
+    out = {f"data/skipped_{reason}": float(n) for reason, n in sorted(skipped.items())}
+    out["data/skipped_total"] = float(sum(skipped.values()))
+    out["data/usable_rows"] = float(usable)
+    return out
+
+
+class NonfiniteGuard:
+    """Counts learner steps skipped for a NaN/inf loss or gradient, in a row; the run
+    stops after ``limit`` of them (0 = never)."""
+
+    def __init__(self, limit: int):
+        self.limit, self.in_a_row, self.total = limit, 0, 0
+
+    def update(self, metrics: dict) -> int:
+        if metrics.get("train/skipped_nonfinite", 0.0):
+            self.in_a_row += 1
+            self.total += 1
+        else:
+            self.in_a_row = 0
+        return self.in_a_row
+
+    @property
+    def should_stop(self) -> bool:
+        return self.limit > 0 and self.in_a_row >= self.limit
 
 
 def _free_port() -> int:
@@ -120,7 +159,9 @@ def start_learners(cfg: Config, model_path: str, *, algo, total_steps: int, lr=N
         algo=algo, temperature=cfg.rollout.agent.temperature, torch_threads=L.torch_threads,
         seed=cfg.trainer.seed, system_prompt=cfg.model.system_prompt, dtype=cfg.model.dtype,
         algo_name=cfg.algo.name or "grpo", papo=cfg.algo.papo, lr_schedule=L.lr_schedule, warmup_steps=L.warmup_steps, total_steps=total_steps,
-        min_lr_ratio=L.min_lr_ratio)
+        min_lr_ratio=L.min_lr_ratio, attn_implementation=cfg.model.attn_implementation,
+        gradient_checkpointing=cfg.model.gradient_checkpointing,
+        min_pixels=cfg.model.min_pixels, max_pixels=cfg.model.max_pixels)
         for r in range(L.num_workers)]
 
 
@@ -135,13 +176,22 @@ class Trainer:
         self.cfg, self.run_dir = cfg, run_dir
         os.makedirs(run_dir, exist_ok=True)
         self.model_path = resolve_model_path(cfg)
-        self.dataset = make_dataset(cfg, "train")
-        self.metrics_log = JsonlLogger(os.path.join(run_dir, "metrics.jsonl")) \
-            if cfg.logger.jsonl else None
+        self.data_skipped: dict = {}
+        self.dataset = make_dataset(cfg, "train", skipped=self.data_skipped)
+        self.nonfinite = NonfiniteGuard(cfg.trainer.max_nonfinite_steps)
+        self.stop_reason: str | None = None
+        resume = self._prepare_resume()  # before the logs open: may trim metrics.jsonl
+        self.metrics_log = RunLogger(cfg, run_dir, resume_step=resume.get("step", 0),
+                                     wandb_id=resume.get("wandb_id"))
         start_ray(cfg)
+        import ray
+
+        check_resources(cfg, ray.cluster_resources())  # before any actor starts
         self._start_actors()
         self.step = 0
         self.data_pos = 0
+        if self.resume_from:
+            self._resume(resume)
 
     # ---- set-up --------------------------------------------------------------------
     def _start_actors(self) -> None:
@@ -150,7 +200,11 @@ class Trainer:
 
         c = self.cfg
         Rollout = make_rollout_actor(c.rollout.num_cpus, c.rollout.num_gpus)
-        self.rollouts = [Rollout.remote(self.model_path, c.rollout.engine, c.rollout.agent,
+        # trainer.seed reaches unseeded sampling too (the engine's global generator);
+        # seed 0 keeps rollout.engine.seed as it is.
+        engine_cfg = dataclasses.replace(
+            c.rollout.engine, seed=c.rollout.engine.seed + 1_000_003 * c.trainer.seed)
+        self.rollouts = [Rollout.remote(self.model_path, engine_cfg, c.rollout.agent,
                                         system_prompt(c))
                          for _ in range(c.rollout.num_workers)]
         Reward = make_reward_actor(c.reward.num_cpus, c.reward.num_gpus)
@@ -252,13 +306,7 @@ class Trainer:
                             "(KL hacking?) at step %d", step + 1)
 
         t0 = time.perf_counter()
-        # Under ZeRO-3 gathering the full weights is a collective: every rank joins.
-        exports = [lr.export_weights.remote() for lr in
-                   (self.learners if c.learner.zero_stage == 3 else self.learners[:1])]
-        weights = exports[0]
-        self._get([w.load_weights.remote(weights, step + 1) for w in self.rollouts]
-                  + exports[1:])
-        del weights, exports
+        self.sync_weights(step + 1)
         t_sync = time.perf_counter() - t0
 
         self.step += 1
@@ -272,9 +320,25 @@ class Trainer:
              if times["time/generate"] > 0 else 0.0,
              "samples": len(batch), "data/position": self.data_pos}
         m.pop("tokens", None)
+        if c.data.kind == "file":
+            m.update(data_metrics(self.data_skipped, len(self.dataset)))
+        m["train/nonfinite_in_a_row"] = float(self.nonfinite.update(m))
         if self.metrics_log:
             self.metrics_log.log(m)
         return m
+
+    def sync_weights(self, version: int) -> None:
+        """Learner rank 0's weights into every rollout engine: export and load run inside
+        the actors (learner/sync.py, ``sync.bucket_mb``)."""
+        from mmagent_rl.learner import sync
+
+        c = self.cfg
+        # Under ZeRO-3 gathering the full weights is a collective: every rank joins.
+        group = self.learners if c.learner.zero_stage == 3 else self.learners[:1]
+        refs = self._get([lr.__ray_call__.remote(sync.export_buckets, c.sync.bucket_mb)
+                          for lr in group])[0]
+        self._get([w.__ray_call__.remote(sync.load_buckets, refs, version)
+                   for w in self.rollouts])
 
     def _axpo_round(self, trajs: list[Trajectory], step: int):
         """Trigger, pick prefixes, continue them K times, score, build advantages."""
@@ -318,11 +382,22 @@ class Trainer:
         while self.step < c.trainer.total_steps:
             m = self.train_step()
             history.append(m)
+            if c.trainer.save_every and self.step % c.trainer.save_every == 0:
+                self.save_checkpoint()
             bar.update(1)
             bar.set_postfix(loss=f"{m['loss']:.4f}", reward=f"{m['reward/mean']:.2f}",
                             tool=f"{m['tool/use_rate']:.2f}")
             bar.write(_format_step(m))
+            if self.nonfinite.should_stop:
+                break
         bar.close()
+        if self.nonfinite.should_stop:
+            self.stop_reason = (
+                f"stopped at step {self.step}: the last {self.nonfinite.in_a_row} steps had a "
+                "NaN/inf loss or gradient and were skipped (trainer.max_nonfinite_steps="
+                f"{c.trainer.max_nonfinite_steps}); the weights are unchanged since step "
+                f"{self.step - self.nonfinite.in_a_row}")
+            log.error("%s", self.stop_reason)
         if c.trainer.save_final:
             self.save(os.path.join(self.run_dir, "checkpoints", "final"))
         return history
@@ -337,6 +412,87 @@ class Trainer:
         os.rename(tmp, path)
         return path
 
+    # ---- resumable checkpoints (mmagent_rl/checkpoint.py) ------------------------------
+    def _prepare_resume(self) -> dict:
+        """Resolve trainer.resume, turn on per-request seeds when checkpointing, and trim
+        metrics.jsonl to the resumed step; returns the checkpoint's driver state ({})."""
+        import torch
+
+        from mmagent_rl import checkpoint as ck
+        from mmagent_rl.metrics import truncate_jsonl
+
+        c = self.cfg
+        self.resume_from = ck.resolve_resume(c.trainer.resume, self.run_dir)
+        if c.rollout.agent.seeded_requests is None:
+            # The engine's global generator is not saved: an exact resume needs seeds
+            # that depend only on (step, prompt, sample, turn).
+            c.rollout.agent.seeded_requests = bool(c.trainer.save_every or self.resume_from)
+        elif not c.rollout.agent.seeded_requests and (c.trainer.save_every or self.resume_from):
+            log.warning("rollout.agent.seeded_requests=false: a resumed run will not sample "
+                        "what the uninterrupted run would have")
+        if not self.resume_from:
+            return {}
+        info = ck.read_marker(self.resume_from)  # checked before any actor starts
+        for key, want, have in (("learner.num_workers", info["learner_world_size"],
+                                 c.learner.num_workers),
+                                ("learner.zero_stage", info["zero_stage"], c.learner.zero_stage)):
+            if want != have:
+                raise ValueError(f"{key}={have}, but the checkpoint {self.resume_from} was "
+                                 f"written with {key}={want}; resume with {key}={want}")
+        state = torch.load(os.path.join(self.resume_from, "trainer_state.pt"),
+                           weights_only=False)
+        metrics = os.path.join(self.run_dir, "metrics.jsonl")
+        src = os.path.join(os.path.dirname(os.path.dirname(self.resume_from)), "metrics.jsonl")
+        if not os.path.exists(metrics) and os.path.exists(src) and \
+                os.path.abspath(src) != os.path.abspath(metrics):
+            shutil.copyfile(src, metrics)  # a new run dir continues the old run's log
+        dropped = truncate_jsonl(metrics, state["step"])
+        if dropped:
+            log.info("resume: dropped %d metrics.jsonl records after step %d (they are "
+                     "written again)", dropped, state["step"])
+        return state
+
+    def _resume(self, state: dict) -> None:
+        """Learners load their state; the engines get the resumed weights before the
+        first rollout; the driver's counters and RNG states are restored."""
+        from mmagent_rl import checkpoint as ck
+
+        path = self.resume_from
+        t0 = time.perf_counter()
+        self._get([lr.load_state.remote(os.path.join(path, "learner")) for lr in self.learners])
+        self.step, self.data_pos = int(state["step"]), int(state["data_pos"])
+        ck.set_rng_state(state["rng"])
+        for name in ("alarm", "nonfinite"):  # their counters, not their settings
+            if name in state and hasattr(self, name):
+                getattr(self, name).__dict__.update(
+                    {k: v for k, v in state[name].items() if k not in _SETTINGS})
+        self.sync_weights(self.step)
+        log.info("resumed from %s at step %d (%.1f s)", path, self.step,
+                 time.perf_counter() - t0)
+
+    def save_checkpoint(self) -> str:
+        """<run dir>/checkpoints/step_<N>: written into step_<N>.tmp, the COMPLETE marker
+        last, then renamed; the oldest beyond trainer.keep_checkpoints are deleted."""
+        import torch
+
+        from mmagent_rl import checkpoint as ck
+
+        c = self.cfg
+        t0 = time.perf_counter()
+        tmp = ck.begin(self.run_dir, self.step)
+        self._get([lr.save_state.remote(os.path.join(tmp, "learner")) for lr in self.learners])
+        state = {"step": self.step, "data_pos": self.data_pos, "rng": ck.rng_state(),
+                 "wandb_id": self.metrics_log.wandb_id if self.metrics_log else None}
+        for name in ("alarm", "nonfinite"):
+            if hasattr(self, name):
+                state[name] = dict(vars(getattr(self, name)))
+        torch.save(state, os.path.join(tmp, "trainer_state.pt"))
+        path = ck.commit(tmp, {"step": self.step, "learner_world_size": c.learner.num_workers,
+                               "zero_stage": c.learner.zero_stage, "algo": c.algo.name})
+        ck.prune(self.run_dir, c.trainer.keep_checkpoints)
+        log.info("checkpoint %s (%.1f s)", path, time.perf_counter() - t0)
+        return path
+
     def weights_checksum(self) -> float:
         return self._get(self.learners[0].weights_checksum.remote())
 
@@ -347,6 +503,9 @@ class Trainer:
             self.metrics_log.close()
         for a in self.rollouts + self.learners + [self.reward]:
             ray.kill(a)
+
+
+_SETTINGS = ("limit", "window", "kl_jump")  # config values, taken from the resumed run's config
 
 
 def _format_step(m: dict) -> str:

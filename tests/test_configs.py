@@ -129,11 +129,182 @@ def test_unknown_key_fails_naming_it(tmp_path):
     (conf / "cluster" / "typo.yaml").write_text(
         "# @package _global_\nlearner:\n  num_gpu: 1\n")
     assert "num_gpu" in _error(["+algo=grpo", "+cluster=typo"], conf)
-    (conf / "model" / "typo.yaml").write_text("name: x\nmax_pixels: 1000\n")
-    assert "max_pixels" in _error(["+algo=grpo", "model=typo"], conf)
+    (conf / "model" / "typo.yaml").write_text("name: x\nmax_pixelz: 1000\n")
+    assert "max_pixelz" in _error(["+algo=grpo", "model=typo"], conf)
 
 
 def test_unknown_cluster_lists_the_choices():
     msg = _error(["+algo=grpo", "+cluster=8node"])
     assert all(name in msg for name in CLUSTERS), msg
     assert os.path.isdir(CONF / "cluster")
+
+
+@pytest.mark.parametrize("override, key", [
+    ("trainer.total_steps=abc", "trainer.total_steps"),
+    ("learner.num_gpus=many", "learner.num_gpus"),
+    ("logger.wandb=maybe", "logger.wandb"),
+    ("model.max_pixels=big", "model.max_pixels"),
+])
+def test_wrong_type_fails_naming_the_key(override, key):
+    msg = _error(["+algo=grpo", override])
+    assert key.split(".")[-1] in msg and override.split("=")[1] in msg, msg
+
+
+def _invalid(overrides: list[str], resources: dict | None = None) -> str:
+    """The message of the ValueError that validation (or the cluster check) raises."""
+    c = _compose(["+algo=grpo", *overrides])
+    with pytest.raises(ValueError) as e:
+        C.validate(c)
+        if resources is not None:
+            C.check_resources(c, resources)
+    return str(e.value)
+
+
+GPU = ["model=qwen2_5_vl_7b", "+cluster=1node_8gpu"]
+
+
+@pytest.mark.parametrize("overrides, resources, expected", [
+    # GPU requests beyond the cluster's (known once Ray is up, before any actor starts)
+    (GPU, {"CPU": 64.0, "GPU": 4.0},
+     ["7.7 GPUs", "4 x 0.9 (rollout.num_workers x rollout.num_gpus)",
+      "4 x 1 (learner.num_workers x learner.num_gpus)", "0.1 (reward.num_gpus)", "has 4"]),
+    ([], {"CPU": 2.0}, None),  # the default CPU placement fits 2 cores
+    (["rollout.num_gpus=0.5"], {"CPU": 2.0}, ["0.5 GPUs", "has 0"]),  # no GPU at all
+    (["learner.num_workers=4"], {"CPU": 2.0}, ["2.75 CPUs", "learner.num_workers", "has 2"]),
+    # static checks
+    (["trainer.ray_num_cpus=1"], None, ["1.75 CPUs", "trainer.ray_num_cpus has 1"]),
+    (GPU + ["rollout.num_gpus=1.5"], None, ["rollout.num_gpus=1.5", "whole number"]),
+    (GPU + ["rollout.engine.tensor_parallel_size=2", "rollout.num_gpus=3"], None,
+     ["rollout.engine.tensor_parallel_size=2", "rollout.num_gpus=3", "[1, 3]"]),
+    (GPU + ["rollout.engine.tensor_parallel_size=2"], None,  # 0.9 of one GPU
+     ["rollout.engine.tensor_parallel_size=2", "rollout.num_gpus=0.9", "[1]"]),
+    (["rollout.engine.tensor_parallel_size=0"], None, ["tensor_parallel_size=0", ">= 1"]),
+    (["learner.num_workers=0"], None, ["learner.num_workers", ">= 1", "got 0"]),
+    (["learner.num_cpus=-1"], None, ["learner.num_cpus=-1", ">= 0"]),
+    (["learner.micro_batch_size=9"], None,
+     ["learner.micro_batch_size=9", "trainer.prompts_per_step=4", "rollout.n=4",
+      "learner.num_workers=2", "<= 8"]),
+    (["model.min_pixels=5000", "model.max_pixels=4000"], None,
+     ["model.min_pixels=5000", "model.max_pixels=4000"]),
+    (["model.max_pixels=4000", "rollout.engine.max_pixels=8000"], None,
+     ["rollout.engine.max_pixels=8000", "model.max_pixels=4000"]),
+    (["model.attn_implementation=fast"], None, ["model.attn_implementation", "sdpa", "eager"]),
+    (["logger.wandb_mode=cloud"], None, ["logger.wandb_mode", "offline", "disabled"]),
+    (["trainer.save_every=-1"], None, ["trainer.save_every=-1", ">= 0"]),
+    (["trainer.keep_checkpoints=0"], None, ["trainer.keep_checkpoints=0", ">= 1"]),
+])
+def test_impossible_placement_and_bad_values_fail_at_start(overrides, resources, expected):
+    c = _compose(["+algo=grpo", *overrides])
+    if expected is None:
+        C.validate(c)
+        C.check_resources(c, resources)
+        return
+    msg = _invalid(overrides, resources)
+    assert all(e in msg for e in expected), (expected, msg)
+
+
+def test_every_shipped_cluster_fits_its_own_node_shape():
+    for cluster in CLUSTERS:
+        nodes, gpus, cpus = NODES[cluster]
+        c = _compose(["+algo=grpo", f"+cluster={cluster}"]
+                     + (["model=qwen2_5_vl_7b"] if gpus else []))
+        C.check_resources(c, {"CPU": float(nodes * cpus), "GPU": float(nodes * gpus)})
+
+
+# ---- model knobs reach the learner's processor/model and vLLM --------------------------
+PIX = {"min_pixels": 28 * 28 * 4, "max_pixels": 28 * 28 * 16}
+
+
+def test_model_pixels_flow_into_the_engine_config():
+    c = _compose(["+algo=grpo", f"model.min_pixels={PIX['min_pixels']}",
+                  f"model.max_pixels={PIX['max_pixels']}", "model.attn_implementation=eager",
+                  "model.gradient_checkpointing=true"])
+    C.validate(c)
+    assert (c.rollout.engine.min_pixels, c.rollout.engine.max_pixels) == \
+        (PIX["min_pixels"], PIX["max_pixels"])
+    assert c.model.attn_implementation == "eager" and c.model.gradient_checkpointing
+    d = _compose(["+algo=grpo"])
+    assert (d.model.min_pixels, d.rollout.engine.max_pixels, d.model.attn_implementation,
+            d.model.gradient_checkpointing) == (None, None, "sdpa", False)
+
+
+def test_pixels_reach_the_processor_and_the_agent_loop(tiny_model_path):
+    from PIL import Image
+
+    from mmagent_rl.rollout.agent_loop import AgentLoop, load_chat
+
+    img = Image.new("RGB", (448, 448))
+    default = load_chat(tiny_model_path)
+    small = load_chat(tiny_model_path, None, PIX)
+    assert default.image_grid(img) == (1, 16, 16) and small.image_grid(img) == (1, 8, 8)
+    assert small.image_processor(images=[img])["image_grid_thw"].tolist() == [[1, 8, 8]]
+    assert small.max_pixels == PIX["max_pixels"]
+
+    class Engine:  # what the agent loop reads from a VLLMEngine
+        model_path, processor_kwargs = tiny_model_path, PIX
+
+    loop = AgentLoop(Engine(), default)
+    assert loop.chat.num_image_tokens(img) == 16 == default.num_image_tokens(img) // 4
+    assert loop.chat.system_prompt == default.system_prompt
+
+
+def test_pixels_reach_vllm_mm_processor_kwargs(tiny_model_path, monkeypatch):
+    import vllm
+
+    from mmagent_rl.rollout.engine import EngineConfig, VLLMEngine
+
+    seen = {}
+
+    class FakeLLM:
+        def __init__(self, **kw):
+            seen.update(kw)
+
+    monkeypatch.setattr(vllm, "LLM", FakeLLM)
+    eng = VLLMEngine(tiny_model_path, EngineConfig(**PIX, extra={
+        "mm_processor_kwargs": {"fps": 1}}))
+    assert seen["mm_processor_kwargs"] == {"fps": 1, **PIX}
+    assert eng.processor_kwargs == {"fps": 1, **PIX}
+    VLLMEngine(tiny_model_path, EngineConfig())
+    assert "mm_processor_kwargs" not in seen or seen["mm_processor_kwargs"] != PIX
+
+
+def test_learner_gets_attn_checkpointing_and_pixels(tiny_model_path, tmp_path):
+    """A real (world size 1) DeepSpeed learner, in a subprocess (it initialises
+    torch.distributed)."""
+    import subprocess
+    import sys
+
+    code = f"""
+import json, socket, torch
+torch.set_num_threads(1)
+from mmagent_rl.algos.grpo import GRPOConfig
+from mmagent_rl.learner.worker import Learner
+s = socket.socket(); s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]; s.close()
+lr = Learner({tiny_model_path!r}, master_port=port, algo=GRPOConfig(kl_beta=0.01),
+             attn_implementation="eager", gradient_checkpointing=True,
+             min_pixels={PIX['min_pixels']}, max_pixels={PIX['max_pixels']})
+m = lr.engine.module
+lr.save({str(tmp_path / 'out')!r})
+print(json.dumps({{"attn": m.config._attn_implementation,
+                  "ref_attn": lr.ref.config._attn_implementation,
+                  "ckpt": m.is_gradient_checkpointing, "ref_ckpt": lr.ref.is_gradient_checkpointing,
+                  "max_pixels": lr.chat.max_pixels, "min_pixels": lr.chat.min_pixels}}))
+"""
+    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=600, env=env, cwd=REPO)
+    assert p.returncode == 0, p.stderr[-3000:]
+    import json
+
+    got = json.loads(p.stdout.strip().splitlines()[-1])
+    assert got == {"attn": "eager", "ref_attn": "eager", "ckpt": True, "ref_ckpt": False,
+                   "max_pixels": PIX["max_pixels"], "min_pixels": PIX["min_pixels"]}
+    saved = json.loads((tmp_path / "out" / "processor_config.json").read_text())
+    size = saved.get("image_processor", saved).get("size", {})
+    assert size.get("longest_edge") == PIX["max_pixels"], saved
+
+
+def test_top_level_seed_sets_the_trainer_seed_for_sweeps():
+    assert _compose(["+algo=grpo", "seed=3"]).trainer.seed == 3
+    assert _compose(["+algo=grpo", "seed=3", "trainer.seed=5"]).trainer.seed == 5
+    assert _compose(["+algo=grpo"]).trainer.seed == 0

@@ -169,6 +169,20 @@ def test_bad_weight_push_is_refused_before_touching_the_engine(engine, chat, pol
            for i, (k, v) in enumerate(named)]
     with pytest.raises(WeightPushError, match="non-finite"):
         engine.load_weights(nan)
+    # An incomplete full push: every tensor it holds is fine, one parameter is left out
+    # (it would silently keep its old value).
+    with pytest.raises(WeightPushError, match="1 parameters missing from a full push"):
+        engine.load_weights(named[:3] + named[4:])
+    with pytest.raises(WeightPushError, match="pushed twice"):
+        engine.load_weights(named + named[:1])
+    # Bucketed: each bucket is a legitimate subset, but together they must cover every
+    # parameter; refused before the first bucket is loaded.
+    from mmagent_rl.learner.sync import make_buckets, to_wire
+
+    buckets = [to_wire(b) for b in make_buckets(named[:-1], 0.05)]
+    assert len(buckets) > 3
+    with pytest.raises(WeightPushError, match="missing from a full push: " + named[-1][0]):
+        engine.load_weights_bucketed(lambda i: buckets[i], len(buckets))
     assert _greedy(engine, chat, ex) == before  # the engine still serves, unchanged
 
 

