@@ -3,7 +3,7 @@ PY := .venv/bin/python
 export OMP_NUM_THREADS ?= 2
 export WANDB_MODE ?= offline
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench bench-trl clean
 setup:
 	bash scripts/setup_env.sh
 
@@ -13,8 +13,22 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
+# The performance figures of README.md ("Performance"); BENCH_ARGS=--quick for a short run.
 bench: setup
-	$(PY) bench/step_breakdown.py
+	$(PY) bench/overhead.py $(BENCH_ARGS)
+	$(PY) bench/weight_sync.py $(BENCH_ARGS)
+	$(PY) bench/scaling.py $(BENCH_ARGS)
+	$(PY) bench/demo_memory.py $(BENCH_ARGS)
+
+# TRL goes into its own venv (.venv/trl), which reads .venv's packages through a .pth
+# file and adds only TRL and what it needs: nothing installed in .venv changes.
+TRL_VENV := .venv/trl
+bench-trl: setup
+	[ -x $(TRL_VENV)/bin/python ] || $(PY) -m venv $(TRL_VENV)
+	echo "import site; site.addsitedir('$$($(PY) -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")')" \
+	  > "$$($(TRL_VENV)/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/zz_main_venv.pth"
+	$(TRL_VENV)/bin/python -m pip install --quiet trl==1.16.0
+	$(PY) bench/vs_trl.py $(BENCH_ARGS)
 
 clean:
 	rm -rf outputs multirun runs .pytest_cache

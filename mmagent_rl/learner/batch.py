@@ -62,6 +62,23 @@ class Batch:
         return int(self.loss_mask.sum().item())
 
 
+def preprocess_images(images: list, image_processor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pixel_values, image_grid_thw) of ``images``, each distinct image object processed
+    once: the n rollouts of a prompt share its image object (Ray's pickling keeps the
+    sharing), so a micro-batch holding a group resizes and normalises it once."""
+    first: dict[int, int] = {}
+    index = [first.setdefault(id(im), len(first)) for im in images]
+    unique = list({id(im): im for im in images}.values())
+    out = image_processor(images=unique, return_tensors="pt")
+    pixel_values, grid = out["pixel_values"], out["image_grid_thw"]
+    if len(unique) == len(images):
+        return pixel_values, grid
+    rows = grid.prod(dim=-1).tolist()
+    starts = np.cumsum([0] + rows).tolist()
+    pixel_values = torch.cat([pixel_values[starts[i]:starts[i] + rows[i]] for i in index])
+    return pixel_values, grid[index]
+
+
 def collate(trajs: list[Trajectory], image_processor, image_token_id: int, pad_id: int,
             images_override: list[list] | None = None) -> Batch:
     """Pad right. ``images_override`` replaces each trajectory's images (same sizes),
@@ -87,8 +104,7 @@ def collate(trajs: list[Trajectory], image_processor, image_token_id: int, pad_i
     pixel_values = grid = None
     grids: list = []
     if all_images:
-        out = image_processor(images=all_images, return_tensors="pt")
-        pixel_values, grid = out["pixel_values"], out["image_grid_thw"]
+        pixel_values, grid = preprocess_images(all_images, image_processor)
         grids = [tuple(int(v) for v in g) for g in grid]
     k = 0
     merge = image_processor.merge_size
