@@ -45,3 +45,19 @@ def examples():
 
     ds = SyntheticDataset(SyntheticConfig(), seed=0, size=8, split="train")
     return [ds[i] for i in range(8)]
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    """A local Ray for the tests that start learner actors themselves (4 logical CPUs
+    so two learners fit); shut down after the module."""
+    import ray
+
+    from mmagent_rl.config import Config
+    from mmagent_rl.trainer import start_ray
+
+    cfg = Config()
+    cfg.trainer.ray_num_cpus = 4
+    start_ray(cfg)
+    yield
+    ray.shutdown()

@@ -147,19 +147,6 @@ def test_bad_rows_are_counted_for_the_metrics(tmp_path):
 
 # ---- real learners: a poisoned batch is skipped on every rank ------------------------
 
-@pytest.fixture(scope="module")
-def ray_session():
-    import ray
-
-    from mmagent_rl.trainer import start_ray
-
-    cfg = Config()
-    cfg.trainer.ray_num_cpus = 4
-    start_ray(cfg)
-    yield
-    ray.shutdown()
-
-
 def _batch(chat, n: int, poison: bool, seed: int):
     from PIL import Image
 

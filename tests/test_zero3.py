@@ -17,19 +17,6 @@ from mmagent_rl.config import Config
 LR = 1e-3
 
 
-@pytest.fixture(scope="module")
-def ray_session():
-    import ray
-
-    from mmagent_rl.trainer import start_ray
-
-    cfg = Config()
-    cfg.trainer.ray_num_cpus = 4
-    start_ray(cfg)
-    yield
-    ray.shutdown()
-
-
 def _one_step(chat, model_path, zero_stage: int, micro_batch_size: int):
     """Grad norm, skipped flag and rank 0's full weights before and after one step."""
     import ray
