@@ -18,7 +18,6 @@ from mmagent_rl.algos.papo import PAPOConfig, masked_images_for, papo_loss
 from mmagent_rl.learner.batch import collate
 from mmagent_rl.learner.policy import enable_gradient_checkpointing, load_policy, token_logprobs
 from mmagent_rl.learner.sync import export_hf_state
-from mmagent_rl.rollout.chat import ChatFormat
 from mmagent_rl.trajectory import Trajectory
 
 
