@@ -60,6 +60,9 @@ class RolloutConfig:
     num_workers: int = 1
     num_cpus: float = 0.5  # fractional: 2-core machines must fit everything
     num_gpus: float = 0.0
+    # Spread the rollout workers over the cluster's nodes (Ray's SPREAD strategy), so
+    # one lost node takes few engines with it; false = Ray's default placement.
+    spread_nodes: bool = False
     n: int = 4  # samples per prompt (group size G)
     engine: EngineConfig = field(default_factory=EngineConfig)
     agent: AgentConfig = field(default_factory=AgentConfig)
@@ -137,6 +140,11 @@ class TrainerConfig:
     keep_checkpoints: int = 2  # the newest N step_<N> checkpoints are kept
     # none | auto (the latest complete checkpoint under the run dir, if any) | a path
     resume: str = "none"
+    # A rollout or reward actor that dies is restarted by Ray this many times (each),
+    # and its share of the step retried (mmagent_rl/faults.py); a learner that dies
+    # stops the run (exit status 4), to be resumed with trainer.resume=auto.
+    max_actor_restarts: int = 3
+    actor_restart_timeout_s: float = 900.0  # for a restarted actor to answer again
 
 
 @dataclass
@@ -273,6 +281,9 @@ def _validate_model_and_run(cfg: Config) -> None:
     if cfg.trainer.keep_checkpoints < 1:
         raise ValueError(f"trainer.keep_checkpoints={cfg.trainer.keep_checkpoints} must "
                          "be >= 1")
+    if cfg.trainer.max_actor_restarts < 0:
+        raise ValueError(f"trainer.max_actor_restarts={cfg.trainer.max_actor_restarts} "
+                         "must be >= 0 (0 = a dead rollout or reward actor ends the run)")
     if not cfg.trainer.resume:
         raise ValueError("trainer.resume='' is not valid; valid: none, auto or the path "
                          "of a checkpoint folder (checkpoints/step_<N>)")

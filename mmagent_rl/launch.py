@@ -2,8 +2,10 @@
 
 The run directory is Hydra's (``hydra.run.dir=...`` works); it receives
 ``metrics.jsonl``, the resolved ``config.yaml`` and ``checkpoints/final``.
-A run the trainer stops early (``trainer.max_nonfinite_steps`` non-finite steps in a
-row) exits with status 3 after printing the reason (the final checkpoint is still saved).
+A run the trainer stops early exits after printing the reason: status 3 after
+``trainer.max_nonfinite_steps`` non-finite steps in a row (the final checkpoint is still
+saved), status 4 when a learner died or a rollout/reward actor could not be restarted
+(rerun with ``trainer.resume=auto`` to continue from the last complete checkpoint).
 """
 from __future__ import annotations
 
@@ -19,7 +21,6 @@ from mmagent_rl.config import register
 
 register()
 log = logging.getLogger("mmagent_rl")
-EXIT_STOPPED = 3  # exit status of a run the trainer stopped early (Trainer.stop_reason)
 
 
 def run(cfg: DictConfig, run_dir: str) -> list[dict]:
@@ -35,7 +36,7 @@ def run(cfg: DictConfig, run_dir: str) -> list[dict]:
     if trainer.stop_reason:  # e.g. trainer.max_nonfinite_steps skipped steps in a row
         print(f"mmagent_rl: run stopped early: {trainer.stop_reason}", file=sys.stderr,
               flush=True)
-        raise SystemExit(EXIT_STOPPED)
+        raise SystemExit(trainer.exit_status)
     return history
 
 

@@ -18,6 +18,7 @@ from omegaconf import OmegaConf
 
 from mmagent_rl import algos
 from mmagent_rl.config import Config, check_resources, system_prompt, validate
+from mmagent_rl.faults import ActorGaveUp, LearnerLost, Restarts, learner_get
 from mmagent_rl.metrics import JsonlLogger, RunLogger, rollout_metrics  # noqa: F401
 from mmagent_rl.learner.worker import finalize_metrics
 from mmagent_rl.trajectory import Trajectory, group_by_prompt
@@ -111,7 +112,8 @@ def shard_for_learners(trajs: list[Trajectory], world: int) -> list[list[Traject
     while len(padded) % world:
         t = padded[len(padded) % len(trajs)]
         zeros = [0] * len(t.token_ids)
-        padded.append(dataclasses.replace(t, loss_mask=zeros, advantages=[0.0] * len(zeros)))
+        padded.append(dataclasses.replace(t, loss_mask=zeros, advantages=[0.0] * len(zeros),
+                                          meta={**t.meta, "padding": True}))
     k = len(padded) // world
     return [padded[i * k:(i + 1) * k] for i in range(world)]
 
@@ -149,8 +151,13 @@ def start_learners(cfg: Config, model_path: str, *, algo, total_steps: int, lr=N
 
     # The rendezvous (rank 0's TCP store) lives on one node: take an address and a free
     # port there, and pin rank 0 to that node, so learners can meet across machines.
-    node, addr, port = ray.get(ray.remote(_rendezvous_address).options(num_cpus=0).remote(),
-                               timeout=cfg.trainer.step_timeout_s)
+    # Preferably the driver's node: a lost worker node then takes no learner with it
+    # when the learners fit there (rollout and reward actors are restarted; learners not).
+    near_driver = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(),
+                                                 soft=True)
+    node, addr, port = ray.get(ray.remote(_rendezvous_address).options(
+        num_cpus=0, scheduling_strategy=near_driver).remote(),
+        timeout=cfg.trainer.step_timeout_s)
     pin = NodeAffinitySchedulingStrategy(node, soft=False)
     return [(Learner.options(scheduling_strategy=pin) if r == 0 else Learner).remote(
         model_path, rank=r, world_size=L.num_workers, master_addr=addr, master_port=port,
@@ -179,7 +186,10 @@ class Trainer:
         self.data_skipped: dict = {}
         self.dataset = make_dataset(cfg, "train", skipped=self.data_skipped)
         self.nonfinite = NonfiniteGuard(cfg.trainer.max_nonfinite_steps)
+        self.faults = Restarts(cfg.trainer.max_actor_restarts, cfg.trainer.step_timeout_s,
+                               cfg.trainer.actor_restart_timeout_s)
         self.stop_reason: str | None = None
+        self.exit_status = 0  # launch.py exits with it when a stop_reason is set
         resume = self._prepare_resume()  # before the logs open: may trim metrics.jsonl
         self.metrics_log = RunLogger(cfg, run_dir, resume_step=resume.get("step", 0),
                                      wandb_id=resume.get("wandb_id"))
@@ -199,7 +209,9 @@ class Trainer:
         from mmagent_rl.rollout.worker import make_rollout_actor
 
         c = self.cfg
-        Rollout = make_rollout_actor(c.rollout.num_cpus, c.rollout.num_gpus)
+        restarts = c.trainer.max_actor_restarts
+        Rollout = make_rollout_actor(c.rollout.num_cpus, c.rollout.num_gpus, restarts,
+                                     c.rollout.spread_nodes)
         # trainer.seed reaches unseeded sampling too (the engine's global generator);
         # seed 0 keeps rollout.engine.seed as it is.
         engine_cfg = dataclasses.replace(
@@ -207,7 +219,7 @@ class Trainer:
         self.rollouts = [Rollout.remote(self.model_path, engine_cfg, c.rollout.agent,
                                         system_prompt(c))
                          for _ in range(c.rollout.num_workers)]
-        Reward = make_reward_actor(c.reward.num_cpus, c.reward.num_gpus)
+        Reward = make_reward_actor(c.reward.num_cpus, c.reward.num_gpus, restarts)
         mapo = c.algo.name == "mapo"
         self.reward = Reward.remote(c.reward.fn, c.reward.match_mode, c.reward.format_weight,
                                     c.reward.clip if mapo else None,
@@ -220,12 +232,26 @@ class Trainer:
         self.alarm = HackingAlarm(c.algo.papo.alarm_window, c.algo.papo.alarm_kl_jump)
         self.tool_call_open_id = ChatFormat.from_pretrained(self.model_path).tool_call_open_id
         self._get([a.ping.remote() for a in self.rollouts])
-        self._get([a.config.remote() for a in self.learners])
+        self._learners_get([a.config.remote() for a in self.learners])
 
     def _get(self, refs):
         import ray
 
         return ray.get(refs, timeout=self.cfg.trainer.step_timeout_s)
+
+    def _learners_get(self, refs):
+        """Fails as soon as one learner fails; a dead learner raises LearnerLost."""
+        return learner_get(refs, self.cfg.trainer.step_timeout_s)
+
+    def _on_rollouts(self, jobs):
+        """(worker index, submit) jobs; a worker that dies is restarted, given the
+        current weights, and its job resubmitted unchanged (mmagent_rl/faults.py)."""
+        return self.faults.call("rollout", self.rollouts, jobs,
+                                restore=lambda i: self.sync_weights(self.step, only=[i]))
+
+    def _score(self, trajs: list[Trajectory]) -> list[Trajectory]:
+        return self.faults.call("reward", [self.reward],
+                                [(0, lambda a: a.score.remote(trajs))])[0]
 
     # ---- one step ------------------------------------------------------------------
     def _next_examples(self, count: int):
@@ -236,11 +262,16 @@ class Trainer:
 
     def _rollout(self, examples, seed: int) -> list[Trajectory]:
         """Generate, then score: every rollout worker gets a share of the prompts."""
-        R = len(self.rollouts)
+        R, n = len(self.rollouts), self.cfg.rollout.n
         chunks = [examples[i::R] for i in range(R)]
-        parts = self._get([w.generate.remote(ch, self.cfg.rollout.n, seed)
-                           for w, ch in zip(self.rollouts, chunks) if ch])
-        return [t for p in parts for t in p]
+        parts = self._on_rollouts([(i, lambda w, ch=ch: w.generate.remote(ch, n, seed))
+                                   for i, ch in enumerate(chunks) if ch])
+        trajs = [t for p in parts for t in p]
+        stale = {t.meta.get("weights_version") for t in trajs} - {self.step}
+        if stale:  # e.g. a restarted engine that did not get the current weights
+            raise RuntimeError(f"step {self.step + 1}: rollouts from weights version(s) "
+                               f"{sorted(stale)}, expected {self.step}; not training on them")
+        return trajs
 
     def _sample_groups(self, step_seed: int) -> tuple[list[Trajectory], dict, dict]:
         """B groups; with dynamic sampling (DAPO), groups whose rewards are all equal are
@@ -258,7 +289,7 @@ class Trainer:
             trajs = self._rollout(self._next_examples(need), step_seed + 7919 * r)
             times["time/generate"] += time.perf_counter() - t0
             t0 = time.perf_counter()
-            trajs = self._get(self.reward.score.remote(trajs))
+            trajs = self._score(trajs)
             times["time/score"] += time.perf_counter() - t0
             info["dapo/rounds"] = r + 1
             if not c.algo.grpo.dynamic_sampling:
@@ -293,8 +324,8 @@ class Trainer:
         shards = shard_for_learners(batch, len(self.learners))
         # Normalised by the ordinary batch: AXPO's extra continuations never shrink the
         # weight of an ordinary rollout (ALGORITHMS.md: ordinary rollouts keep 1/G).
-        per_rank = self._get([lr.train_step.remote(s, num_tokens, num_seqs)
-                              for lr, s in zip(self.learners, shards)])
+        per_rank = self._learners_get([lr.train_step.remote(s, num_tokens, num_seqs)
+                                       for lr, s in zip(self.learners, shards)])
         learn = finalize_metrics(per_rank)
         t_learn = time.perf_counter() - t0
         if c.algo.name == "papo":
@@ -318,7 +349,8 @@ class Trainer:
              "tokens_per_s": gen_tokens / total if total > 0 else 0.0,
              "gen_tokens_per_s": gen_tokens / times["time/generate"]
              if times["time/generate"] > 0 else 0.0,
-             "samples": len(batch), "data/position": self.data_pos}
+             "samples": len(batch), "data/position": self.data_pos,
+             **{k: float(v) for k, v in sorted(self.faults.counts.items())}}
         m.pop("tokens", None)
         if c.data.kind == "file":
             m.update(data_metrics(self.data_skipped, len(self.dataset)))
@@ -327,18 +359,24 @@ class Trainer:
             self.metrics_log.log(m)
         return m
 
-    def sync_weights(self, version: int) -> None:
-        """Learner rank 0's weights into every rollout engine: export and load run inside
-        the actors (learner/sync.py, ``sync.bucket_mb``)."""
+    def sync_weights(self, version: int, only: list[int] | None = None) -> None:
+        """Learner rank 0's weights into every rollout engine (or those in ``only``):
+        export and load run inside the actors (learner/sync.py, ``sync.bucket_mb``)."""
         from mmagent_rl.learner import sync
 
         c = self.cfg
         # Under ZeRO-3 gathering the full weights is a collective: every rank joins.
         group = self.learners if c.learner.zero_stage == 3 else self.learners[:1]
-        refs = self._get([lr.__ray_call__.remote(sync.export_buckets, c.sync.bucket_mb)
-                          for lr in group])[0]
-        self._get([w.__ray_call__.remote(sync.load_buckets, refs, version)
-                   for w in self.rollouts])
+        refs = self._learners_get([lr.__ray_call__.remote(sync.export_buckets,
+                                                          c.sync.bucket_mb)
+                                   for lr in group])[0]
+        workers = range(len(self.rollouts)) if only is None else only
+        # A worker that dies while loading comes back with the starting weights and is
+        # given these again (no restore step needed: the retry is the load itself).
+        self.faults.call("rollout", self.rollouts,
+                         [(i, lambda w: w.__ray_call__.remote(sync.load_buckets, refs,
+                                                              version))
+                          for i in workers])
 
     def _axpo_round(self, trajs: list[Trajectory], step: int):
         """Trigger, pick prefixes, continue them K times, score, build advantages."""
@@ -355,11 +393,12 @@ class Trainer:
             prefixes = [axpo.make_prefix(s.traj, s.fork) for s in sel]
             by_id = {t.meta["example_id"]: t for t in trajs}
             exs = [self._example_of(by_id[s.traj.meta["example_id"]]) for s in sel]
-            R = len(self.rollouts)
-            parts = self._get([w.continue_from.remote(prefixes[i::R], exs[i::R],
-                                                      c.algo.axpo.k, step * 31 + i)
-                               for i, w in enumerate(self.rollouts) if prefixes[i::R]])
-            conts = self._get(self.reward.score.remote([t for p in parts for t in p]))
+            R, k = len(self.rollouts), c.algo.axpo.k
+            parts = self._on_rollouts([
+                (i, lambda w, i=i: w.continue_from.remote(prefixes[i::R], exs[i::R], k,
+                                                          step * 31 + i))
+                for i in range(R) if prefixes[i::R]])
+            conts = self._score([t for p in parts for t in p])
         grouped = axpo.group_continuations(sel, conts)
         axpo.axpo_advantages(trajs, grouped, sel, c.algo.grpo, c.algo.axpo)
         return trajs + conts, axpo.axpo_metrics(trajs, sel, grouped)
@@ -380,10 +419,14 @@ class Trainer:
         bar = tqdm(total=c.trainer.total_steps, desc="train", disable=not c.trainer.progress,
                    dynamic_ncols=True)
         while self.step < c.trainer.total_steps:
-            m = self.train_step()
-            history.append(m)
-            if c.trainer.save_every and self.step % c.trainer.save_every == 0:
-                self.save_checkpoint()
+            try:
+                m = self.train_step()
+                history.append(m)
+                if c.trainer.save_every and self.step % c.trainer.save_every == 0:
+                    self.save_checkpoint()
+            except (LearnerLost, ActorGaveUp) as e:
+                self._stop_on_fault(e)
+                break
             bar.update(1)
             bar.set_postfix(loss=f"{m['loss']:.4f}", reward=f"{m['reward/mean']:.2f}",
                             tool=f"{m['tool/use_rate']:.2f}")
@@ -391,6 +434,8 @@ class Trainer:
             if self.nonfinite.should_stop:
                 break
         bar.close()
+        if self.exit_status:  # an actor fault: the learners' state is gone, nothing to save
+            return history
         if self.nonfinite.should_stop:
             self.stop_reason = (
                 f"stopped at step {self.step}: the last {self.nonfinite.in_a_row} steps had a "
@@ -398,16 +443,30 @@ class Trainer:
                 f"{c.trainer.max_nonfinite_steps}); the weights are unchanged since step "
                 f"{self.step - self.nonfinite.in_a_row}")
             log.error("%s", self.stop_reason)
+            self.exit_status = 3
         if c.trainer.save_final:
             self.save(os.path.join(self.run_dir, "checkpoints", "final"))
         return history
+
+    def _stop_on_fault(self, err: Exception) -> None:
+        """A clean stop: the step in progress is not logged nor counted; the message says
+        how to go on."""
+        from mmagent_rl import checkpoint as ck
+
+        last = ck.latest_checkpoint(self.run_dir)
+        how = (f"rerun with trainer.resume=auto (same hydra.run.dir) to continue from {last}"
+               if last else "no complete checkpoint to resume from (set trainer.save_every)")
+        self.stop_reason = (f"stopped during step {self.step + 1}: {err}; steps 1-{self.step} "
+                            f"are complete and logged; {how}")
+        self.exit_status = 4
+        log.error("%s", self.stop_reason)
 
     def save(self, path: str) -> str:
         """Atomic: written to a temporary folder, renamed when complete."""
         tmp = path + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        self._get([lr.save.remote(tmp) for lr in self.learners])
+        self._learners_get([lr.save.remote(tmp) for lr in self.learners])
         shutil.rmtree(path, ignore_errors=True)
         os.rename(tmp, path)
         return path
@@ -459,13 +518,15 @@ class Trainer:
 
         path = self.resume_from
         t0 = time.perf_counter()
-        self._get([lr.load_state.remote(os.path.join(path, "learner")) for lr in self.learners])
+        self._learners_get([lr.load_state.remote(os.path.join(path, "learner"))
+                            for lr in self.learners])
         self.step, self.data_pos = int(state["step"]), int(state["data_pos"])
         ck.set_rng_state(state["rng"])
         for name in ("alarm", "nonfinite"):  # their counters, not their settings
             if name in state and hasattr(self, name):
                 getattr(self, name).__dict__.update(
                     {k: v for k, v in state[name].items() if k not in _SETTINGS})
+        self.faults.counts.update(state.get("faults", {}))
         self.sync_weights(self.step)
         log.info("resumed from %s at step %d (%.1f s)", path, self.step,
                  time.perf_counter() - t0)
@@ -480,12 +541,14 @@ class Trainer:
         c = self.cfg
         t0 = time.perf_counter()
         tmp = ck.begin(self.run_dir, self.step)
-        self._get([lr.save_state.remote(os.path.join(tmp, "learner")) for lr in self.learners])
+        self._learners_get([lr.save_state.remote(os.path.join(tmp, "learner"))
+                            for lr in self.learners])
         state = {"step": self.step, "data_pos": self.data_pos, "rng": ck.rng_state(),
                  "wandb_id": self.metrics_log.wandb_id if self.metrics_log else None}
         for name in ("alarm", "nonfinite"):
             if hasattr(self, name):
                 state[name] = dict(vars(getattr(self, name)))
+        state["faults"] = dict(self.faults.counts)
         torch.save(state, os.path.join(tmp, "trainer_state.pt"))
         path = ck.commit(tmp, {"step": self.step, "learner_world_size": c.learner.num_workers,
                                "zero_stage": c.learner.zero_stage, "algo": c.algo.name})

@@ -150,6 +150,7 @@ def cluster():
                 env=dict(env, RAY_TEMP_DIR=os.path.join(tmp, "w")), stdout=log,
                 stderr=subprocess.STDOUT, start_new_session=True, cwd=tmp))
         _wait(lambda: len(_alive_nodes(c)) == 2, 240, "second node", procs, logs)
+        c["procs"], c["logs"] = procs, logs  # [head, node2]: tests may stop node2
         yield c
     finally:
         _stop(procs)
@@ -171,6 +172,8 @@ def _ray_list(c, *args: str) -> list[dict]:
                         "--limit", "1000"],
                        env=c["env"], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr[-2000:]
+    if p.stdout.startswith("No resource"):  # the CLI prints this, not [], when empty
+        return []
     return json.loads(p.stdout)
 
 
@@ -180,12 +183,15 @@ def _alive_nodes(c) -> dict[str, str]:
             for n in _ray_list(c, "nodes") if n["state"] == "ALIVE"}
 
 
-def _run_job(c, sid: str, overrides: list[str], timeout: float):
+def _submit(c, sid: str, overrides: list[str]) -> None:
     p = subprocess.run([str(LAUNCH / "submit.sh"), *overrides],
                        env=dict(c["env"], RAY_ADDRESS=c["url"], NO_WAIT="1",
                                 SUBMISSION_ID=sid),
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+
+
+def _wait_job(c, sid: str, timeout: float):
     t0 = time.monotonic()
     while (info := _api(c, f"/api/jobs/{sid}"))["status"] not in TERMINAL:
         if time.monotonic() - t0 > timeout:
@@ -194,6 +200,11 @@ def _run_job(c, sid: str, overrides: list[str], timeout: float):
                         + _api(c, f"/api/jobs/{sid}/logs")["logs"][-4000:])
         time.sleep(5)
     return info, _api(c, f"/api/jobs/{sid}/logs")["logs"]
+
+
+def _run_job(c, sid: str, overrides: list[str], timeout: float):
+    _submit(c, sid, overrides)
+    return _wait_job(c, sid, timeout)
 
 
 @pytest.mark.slow

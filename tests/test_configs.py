@@ -192,6 +192,7 @@ GPU = ["model=qwen2_5_vl_7b", "+cluster=1node_8gpu"]
     (["logger.wandb_mode=cloud"], None, ["logger.wandb_mode", "offline", "disabled"]),
     (["trainer.save_every=-1"], None, ["trainer.save_every=-1", ">= 0"]),
     (["trainer.keep_checkpoints=0"], None, ["trainer.keep_checkpoints=0", ">= 1"]),
+    (["trainer.max_actor_restarts=-1"], None, ["trainer.max_actor_restarts=-1", ">= 0"]),
 ])
 def test_impossible_placement_and_bad_values_fail_at_start(overrides, resources, expected):
     c = _compose(["+algo=grpo", *overrides])

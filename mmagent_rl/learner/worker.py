@@ -150,6 +150,7 @@ class Learner:
             self.ref = load_policy(model_path, dtype, attn_implementation).eval() \
                 .requires_grad_(False)
         self.step_count = 0
+        self.samples_trained = 0  # real trajectories (not the zero-mask padding copies)
         self.probe = GradProbe(self.engine.module, seed) if zero_stage < 3 else None
 
     # ---- training ------------------------------------------------------------------
@@ -201,12 +202,17 @@ class Learner:
             sums["tokens"] = sums.get("tokens", 0.0) + w
         skipped = self._step_if_finite(nonfinite_loss)
         self.step_count += 1
+        self.samples_trained += sum(not t.meta.get("padding") for t in trajs)
         gn = eng.get_global_grad_norm()
         sums["grad_norm"] = float(gn) if gn is not None else float("nan")
         sums["train/skipped_nonfinite"] = float(skipped)
         sums["lr"] = float(eng.get_lr()[0])
         sums["time/learner_compute"] = time.perf_counter() - t0
         sums["grad_probes"] = probes
+        # Counters that a checkpoint carries: a step retried or replayed after a fault
+        # would show up here (tests check them against the driver's step count).
+        sums["learner/steps_total"] = float(self.step_count)
+        sums["learner/samples_total"] = float(self.samples_trained)
         return sums
 
     def _any_rank(self, flag: bool) -> bool:
@@ -322,7 +328,8 @@ class Learner:
 
         os.makedirs(out_dir, exist_ok=True)
         self.engine.save_checkpoint(out_dir, tag=DS_TAG, save_latest=False,
-                                    client_state={"mmagent_step_count": self.step_count})
+                                    client_state={"mmagent_step_count": self.step_count,
+                                                  "mmagent_samples": self.samples_trained})
         torch.save(rng_state(), os.path.join(out_dir, f"rng_rank{self.rank}.pt"))
         return {"rank": self.rank, "step_count": self.step_count}
 
@@ -335,6 +342,7 @@ class Learner:
         if path is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint {DS_TAG!r} in {in_dir}")
         self.step_count = int(client["mmagent_step_count"])
+        self.samples_trained = int(client.get("mmagent_samples", 0))
         set_rng_state(torch.load(os.path.join(in_dir, f"rng_rank{self.rank}.pt"),
                                  weights_only=False))
         return {"rank": self.rank, "step_count": self.step_count}
@@ -360,6 +368,9 @@ def finalize_metrics(per_rank: list[dict]) -> dict:
     out["grad_norm"] = per_rank[0]["grad_norm"]
     out["lr"] = per_rank[0]["lr"]
     out["time/learner_compute"] = max(r["time/learner_compute"] for r in per_rank)
+    if "learner/steps_total" in per_rank[0]:
+        out["learner/steps_total"] = per_rank[0]["learner/steps_total"]
+        out["learner/samples_total"] = sum(r["learner/samples_total"] for r in per_rank)
     out["train/skipped_nonfinite"] = max(r.get("train/skipped_nonfinite", 0.0)
                                          for r in per_rank)
     if not math.isfinite(out["loss"]):
@@ -370,4 +381,6 @@ def finalize_metrics(per_rank: list[dict]) -> dict:
 def make_learner_actor(num_cpus: float, num_gpus: float = 0.0):
     import ray
 
-    return ray.remote(num_cpus=num_cpus, num_gpus=num_gpus)(Learner)
+    # Never restarted: a new process would have lost the optimizer state and its place
+    # in the collective group (the run stops; see mmagent_rl/faults.py).
+    return ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=0)(Learner)

@@ -46,6 +46,9 @@ class RewardScorer:
             self._align(trajs)
         return trajs
 
+    def ping(self) -> bool:
+        return True
+
     def _align(self, trajs: list[Trajectory]) -> None:
         """Per tool call: (description, crop) -> score in [0, 1] and a status; a missing,
         over-long or failed description scores 0 and keeps its status for the metrics."""
@@ -70,7 +73,9 @@ class RewardScorer:
             trajs[0].meta["align_pairs"] = len(descs)
 
 
-def make_reward_actor(num_cpus: float, num_gpus: float = 0.0):
+def make_reward_actor(num_cpus: float, num_gpus: float = 0.0, max_restarts: int = 3):
+    """Restarted by Ray up to ``max_restarts`` times; the driver retries the call."""
     import ray
 
-    return ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=3)(RewardScorer)
+    return ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=max_restarts,
+                      max_task_retries=0)(RewardScorer)

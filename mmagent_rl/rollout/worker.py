@@ -39,7 +39,12 @@ class RolloutWorker:
         return True
 
 
-def make_rollout_actor(num_cpus: float, num_gpus: float = 0.0):
+def make_rollout_actor(num_cpus: float, num_gpus: float = 0.0, max_restarts: int = 3,
+                       spread_nodes: bool = False):
+    """Restarted by Ray up to ``max_restarts`` times; no task retries (the driver
+    retries, after giving the new engine the current weights: mmagent_rl/faults.py)."""
     import ray
 
-    return ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=3)(RolloutWorker)
+    opts = {"scheduling_strategy": "SPREAD"} if spread_nodes else {}
+    return ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=max_restarts,
+                      max_task_retries=0, **opts)(RolloutWorker)
