@@ -148,11 +148,39 @@ def test_weight_sync_changes_what_the_engine_serves_and_restores(engine, chat, p
     original = export_hf_state(policy)
     changed = [(k, v + 0.05 * torch.randn_like(v) if v.ndim == 2 else v)
                for k, v in original]
+    assert engine.mm_cache_items() > 0  # the image went through the processor cache
     engine.load_weights(changed)
+    assert engine.mm_cache_items() == 0  # emptied on every push: it cannot grow all run
     after = _greedy(engine, chat, ex)
     assert after != before
     engine.load_weights(original)
     assert _greedy(engine, chat, ex) == before
+
+
+def test_pushed_weights_serve_the_learners_logprobs_tied_head_included(
+        engine, chat, policy, examples, tiny_model_path):
+    """Every weight moved, the tied embedding too: vLLM's reload reports the tied LM
+    head as "Failed to load weights" and keeps its tensor, which must then be the
+    new embedding (else the engine samples from a stale head: off-policy)."""
+    original = export_hf_state(policy)
+    moved = load_policy(tiny_model_path).eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in moved.parameters():  # tied: the embedding moves the head with it
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    changed = export_hf_state(moved)
+    assert policy.config.tie_word_embeddings and any("embed_tokens" in k for k, _ in changed)
+    try:
+        engine.load_weights(changed)
+        loop = AgentLoop(engine, chat, AgentConfig(max_new_tokens=24, max_turns=2))
+        trajs = loop.run(examples[:2], n=2, seed=5)
+        batch, lp = _learner_logprobs(moved, chat, trajs)
+        diff = ((lp - batch.old_logprobs).abs() * batch.loss_mask).max().item()
+        assert diff < 1e-4, diff
+        _, lp_old = _learner_logprobs(policy, chat, trajs)  # and the old weights do not
+        assert ((lp_old - batch.old_logprobs).abs() * batch.loss_mask).max().item() > 1e-2
+    finally:
+        engine.load_weights(original)
 
 
 def test_bad_weight_push_is_refused_before_touching_the_engine(engine, chat, policy,

@@ -193,6 +193,10 @@ def policy_loss(
             "clip/lower_fraction": _masked_mean(((adv < 0) & (ratio_d < 1 - eps_low)).float(), m),
             "clip/dual_fraction": _masked_mean(dual.float(), m),
             "ratio/mean": _masked_mean(ratio_d, m),
+            # |learner - engine| log-probability of the sampled tokens: ~1e-6 while the
+            # engine serves the learner's weights (one update per batch); larger means
+            # the rollouts came from other weights (a stale sync, a precision gap).
+            "rollout/logprob_diff": _masked_mean(log_ratio.detach().abs(), m),
         }
     return loss, stats
 
