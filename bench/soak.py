@@ -13,7 +13,10 @@ Hydra overrides (e.g. ``rollout.n=2``).
 For each process: RSS at the first and last step, and the growth per step, the slope
 of a least-squares line through its RSS over the second half of the steps (the first
 half is warm-up: allocator pools, caches and lazily built kernels grow there), in
-MiB/step. Last line: one JSON object.
+MiB/step. A process is flat when that slope is at most ``--max-slope`` MiB/step; the
+exit status is 1 when one is not. Last line: one JSON object ("flat", "growing").
+
+``pytest --soak tests/test_soak.py`` runs it (200 steps) as a test; CI does not.
 """
 from __future__ import annotations
 
@@ -96,6 +99,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--out", default=None, help="also write every sample here (JSON)")
+    ap.add_argument("--max-slope", type=float, default=0.5,
+                    help="MiB/step above which a process counts as growing")
     ap.add_argument("overrides", nargs="*")
     a = ap.parse_args()
     if a.steps < 4:
@@ -153,7 +158,10 @@ def main() -> None:
     for k, v in sorted(procs.items(), key=lambda kv: -kv[1]["rss_last_mib"]):
         print(f"{k:<{width}}  {v['rss_first_mib']:9.1f}  {v['rss_last_mib']:8.1f}  "
               f"{v['slope_mib_per_step']:+.4f}")
+    growing = sorted(k for k, v in procs.items() if v["slope_mib_per_step"] > a.max_slope)
     result = {"steps": a.steps, "fit_steps": [len(samples) - len(half) + 1, len(samples)],
+              "max_slope_mib_per_step": a.max_slope, "flat": not growing,
+              "growing": growing,
               "startup_s": round(startup, 1),
               "step_s_median": round(sorted(step_times)[len(step_times) // 2], 2),
               "total_slope_mib_per_step": round(slope(totals), 4),
@@ -162,6 +170,7 @@ def main() -> None:
         with open(a.out, "w") as f:
             json.dump({**result, "samples": samples, "step_times": step_times}, f)
     print(json.dumps(result))
+    return 0 if not growing else 1
 
 
 if __name__ == "__main__":

@@ -61,3 +61,17 @@ def ray_session():
     start_ray(cfg)
     yield
     ray.shutdown()
+
+
+def pytest_addoption(parser):
+    parser.addoption("--soak", action="store_true",
+                     help="run the 200-step soak test (tests/test_soak.py; not in CI)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--soak"):
+        return
+    skip = pytest.mark.skip(reason="soak test: run with pytest --soak")
+    for item in items:
+        if "soak" in item.keywords:
+            item.add_marker(skip)
