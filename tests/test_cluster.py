@@ -113,10 +113,31 @@ def _stop(procs: list[subprocess.Popen]) -> None:
 
 @pytest.fixture(scope="module")
 def cluster():
-    # Short paths (Unix sockets: 107 bytes). One temp dir per node, as on real machines:
-    # nodes sharing one would unpack the job's working_dir into the same folder, each
-    # in turn, under the feet of the driver importing from it.
-    tmp = tempfile.mkdtemp(prefix="rc", dir="/tmp")
+    """The running cluster; started a second time (fresh ports and folders) if the first
+    start fails: on a loaded 2-core machine Ray's head can time out during start-up."""
+    for attempt in (1, 2):
+        # Short paths (Unix sockets: 107 bytes). One temp dir per node, as on real
+        # machines: nodes sharing one would unpack the job's working_dir into the same
+        # folder, each in turn, under the feet of the driver importing from it.
+        tmp = tempfile.mkdtemp(prefix="rc", dir="/tmp")
+        procs: list[subprocess.Popen] = []
+        try:
+            try:
+                c = _start_cluster(tmp, procs)
+            except RuntimeError as e:
+                if attempt == 2:
+                    raise
+                print(f"cluster start failed, trying again: {str(e)[:300]}")
+                continue
+            yield c
+            return
+        finally:
+            _stop(procs)
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _start_cluster(tmp: str, procs: list[subprocess.Popen]) -> dict:
+    """Head and worker node (``procs`` receives their `ray start --block` processes)."""
     token = uuid.uuid4().hex + uuid.uuid4().hex
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env.update(
@@ -133,28 +154,23 @@ def cluster():
     common = ["--object-store-memory", str(300 * 2**20), "--disable-usage-stats", "--block"]
     c = {"url": f"http://127.0.0.1:{dash}", "env": env, "tmp": tmp, "token": token}
     logs = [os.path.join(tmp, "head.log"), os.path.join(tmp, "worker.log")]
-    procs = []
-    try:
-        with open(logs[0], "w") as log:
-            procs.append(subprocess.Popen(
-                [str(LAUNCH / "start_head.sh"), "--ray-client-server-port", str(client),
-                 *head_args, *common],
-                env=dict(env, RAY_PORT=str(gcs), RAY_DASHBOARD_PORT=str(dash),
-                         RAY_DASHBOARD_HOST="127.0.0.1", RAY_TEMP_DIR=os.path.join(tmp, "h")),
-                stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=tmp))
-        _wait(lambda: "version" in _api(c, "/api/version"), 240, "head", procs, logs[:1])
-        with open(logs[1], "w") as log:
-            procs.append(subprocess.Popen(
-                [str(LAUNCH / "start_worker.sh"), f"127.0.0.1:{gcs}",
-                 "--resources", json.dumps({"node2": 1}), *worker_args, *common],
-                env=dict(env, RAY_TEMP_DIR=os.path.join(tmp, "w")), stdout=log,
-                stderr=subprocess.STDOUT, start_new_session=True, cwd=tmp))
-        _wait(lambda: len(_alive_nodes(c)) == 2, 240, "second node", procs, logs)
-        c["procs"], c["logs"] = procs, logs  # [head, node2]: tests may stop node2
-        yield c
-    finally:
-        _stop(procs)
-        shutil.rmtree(tmp, ignore_errors=True)
+    with open(logs[0], "w") as log:
+        procs.append(subprocess.Popen(
+            [str(LAUNCH / "start_head.sh"), "--ray-client-server-port", str(client),
+             *head_args, *common],
+            env=dict(env, RAY_PORT=str(gcs), RAY_DASHBOARD_PORT=str(dash),
+                     RAY_DASHBOARD_HOST="127.0.0.1", RAY_TEMP_DIR=os.path.join(tmp, "h")),
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=tmp))
+    _wait(lambda: "version" in _api(c, "/api/version"), 240, "head", procs, logs[:1])
+    with open(logs[1], "w") as log:
+        procs.append(subprocess.Popen(
+            [str(LAUNCH / "start_worker.sh"), f"127.0.0.1:{gcs}",
+             "--resources", json.dumps({"node2": 1}), *worker_args, *common],
+            env=dict(env, RAY_TEMP_DIR=os.path.join(tmp, "w")), stdout=log,
+            stderr=subprocess.STDOUT, start_new_session=True, cwd=tmp))
+    _wait(lambda: len(_alive_nodes(c)) == 2, 240, "second node", procs, logs)
+    c["procs"], c["logs"] = procs, logs  # [head, node2]: tests may stop node2
+    return c
 
 
 def _api(c, path: str, method: str = "GET") -> dict:

@@ -7,7 +7,6 @@ reproduce the uninterrupted run exactly: same prompts, same trajectories, same l
 """
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -19,6 +18,9 @@ import pytest
 
 from conftest import REPO
 
+sys.path.insert(0, os.path.join(REPO, "bench"))
+from chaos import find_process, rows as _rows, start_run  # noqa: E402
+
 STEPS, PROMPTS, N = 4, 2, 2
 ARGS = ["+algo=grpo", "model=tiny", f"trainer.total_steps={STEPS}",
         f"trainer.prompts_per_step={PROMPTS}", f"rollout.n={N}",
@@ -29,36 +31,17 @@ SAME = ("loss", "reward/mean", "grad_norm", "tokens/generated")  # must match th
 
 
 def _start(args: list[str]) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.path.join(REPO, "tests")]))
-    return subprocess.Popen([sys.executable, "-m", "mmagent_rl.launch", *ARGS, *args],
-                            cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return start_run([*ARGS, *args])  # stdout and stderr in one pipe
 
 
 def _finish(p: subprocess.Popen, timeout: float = 900) -> tuple[int, str]:
     try:
-        out, err = p.communicate(timeout=timeout)
+        out, _ = p.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         p.kill()
-        out, err = p.communicate()
-        pytest.fail("run did not finish:\n" + err[-4000:])
-    return p.returncode, out + err
-
-
-def _rows(run) -> list[dict]:
-    path = run / "metrics.jsonl"
-    return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
-
-
-def _find(p: subprocess.Popen, title: str) -> psutil.Process | None:
-    """The run's process whose Ray title starts with ``title``."""
-    for proc in psutil.Process(p.pid).children(recursive=True):
-        try:
-            if " ".join(proc.cmdline()).startswith(title):
-                return proc
-        except psutil.Error:
-            continue
-    return None
+        out, _ = p.communicate()
+        pytest.fail("run did not finish:\n" + out[-4000:])
+    return p.returncode, out
 
 
 def _kill_when(p: subprocess.Popen, run, *, after_rows: int, busy: str,
@@ -68,9 +51,9 @@ def _kill_when(p: subprocess.Popen, run, *, after_rows: int, busy: str,
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout:
         if p.poll() is not None:
-            pytest.fail("run ended before the fault was injected:\n" + p.stderr.read()[-4000:])
-        if len(_rows(run)) >= after_rows and _find(p, busy):
-            target = _find(p, victim or busy)
+            pytest.fail("run ended before the fault was injected:\n" + p.stdout.read()[-4000:])
+        if len(_rows(run)) >= after_rows and find_process(p.pid, busy):
+            target = find_process(p.pid, victim or busy)
             if target is not None:
                 target.send_signal(signal.SIGKILL)
                 return target.pid
@@ -96,6 +79,9 @@ def clean_rows(tmp_path_factory) -> list[dict]:
     rows = _rows(run)
     _check_counts(rows)
     assert not any(k.startswith("faults/") for r in rows for k in r)
+    # The engines serve exactly the learner's weights after every sync (tied LM head
+    # included): the learner re-scores the sampled tokens to within float error.
+    assert max(r["rollout/logprob_diff"] for r in rows) < 1e-4, rows
     return rows
 
 
