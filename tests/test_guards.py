@@ -50,7 +50,7 @@ def _bare_trainer(tmp_path, skips: list[int], limit: int = 3, total: int = 10):
     cfg.trainer.total_steps, cfg.trainer.max_nonfinite_steps = total, limit
     cfg.trainer.progress = False
     t = object.__new__(Trainer)
-    t.cfg, t.run_dir, t.step, t.stop_reason = cfg, str(tmp_path), 0, None
+    t.cfg, t.run_dir, t.step, t.stop_reason, t.exit_status = cfg, str(tmp_path), 0, None, 0
     t.nonfinite = NonfiniteGuard(limit)
     t.saved = []
     t.save = t.saved.append
@@ -73,10 +73,28 @@ def test_fit_stops_cleanly_after_max_nonfinite_steps(tmp_path, caplog):
     assert [m["train/nonfinite_in_a_row"] for m in history] == [0, 1, 2, 0, 1, 2, 3]
     assert t.saved == [os.path.join(str(tmp_path), "checkpoints", "final")]  # still saved
     assert "stopped at step 7" in t.stop_reason and "unchanged since step 4" in t.stop_reason
-    assert t.stop_reason in caplog.text
+    assert t.stop_reason in caplog.text and t.exit_status == 3
     # Not three in a row: the run goes to the end.
     t = _bare_trainer(tmp_path, [1, 1, 0] * 4, total=12)
-    assert len(t.fit()) == 12 and t.stop_reason is None
+    assert len(t.fit()) == 12 and t.stop_reason is None and t.exit_status == 0
+
+
+def test_lost_learner_stops_with_status_4_without_saving(tmp_path):
+    from mmagent_rl.faults import LearnerLost
+
+    t = _bare_trainer(tmp_path, [0] * 10)
+    replay = t.train_step
+
+    def train_step():
+        if t.step == 2:
+            raise LearnerLost("a learner actor died: ActorDiedError")
+        return replay()
+
+    t.train_step = train_step
+    assert [m["step"] for m in t.fit()] == [1, 2]
+    assert t.exit_status == 4 and t.saved == []  # nothing to save: the learners are gone
+    assert "during step 3" in t.stop_reason and "learner actor died" in t.stop_reason
+    assert "no complete checkpoint" in t.stop_reason  # and how to make one next time
 
 
 # ---- bad data rows in the metrics ----------------------------------------------------
