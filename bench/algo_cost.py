@@ -21,7 +21,7 @@ import statistics
 import sys
 import time
 
-from common import TESTS
+from common import TESTS, workload_args
 
 sys.path.insert(0, TESTS)  # reward_plugins, for the in-process part
 
@@ -107,10 +107,7 @@ def mapo_part(a, grpo_step_s: float) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=3)
-    ap.add_argument("--prompts", type=int, default=4)
-    ap.add_argument("--n", type=int, default=4)
-    ap.add_argument("--tokens", type=int, default=48)
+    workload_args(ap, steps=3, tokens=48)
     a = ap.parse_args()
     grpo = trainer_run("grpo", a, {})
     papo = trainer_run("papo", a, {"algo.papo.double_entropy_grad": False})

@@ -14,6 +14,8 @@ import argparse
 import json
 import statistics
 
+from common import workload_args
+
 
 
 def run(model: str, a, cache: bool) -> dict:
@@ -35,10 +37,7 @@ def run(model: str, a, cache: bool) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True)
-    ap.add_argument("--steps", type=int, default=3)
-    ap.add_argument("--prompts", type=int, default=4)
-    ap.add_argument("--n", type=int, default=4)
-    ap.add_argument("--tokens", type=int, default=96)
+    workload_args(ap, steps=3, tokens=96)
     a = ap.parse_args()
     on, off = run(a.model, a, True), run(a.model, a, False)
     out = {"cache_on": on, "cache_off": off,

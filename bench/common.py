@@ -7,6 +7,17 @@ import sys
 TESTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests")
 
 
+def workload_args(ap, *, steps: int, tokens: int, prompts: int = 4, n: int = 4,
+                  warmup: int | None = None) -> None:
+    """The fixed-workload options every trainer benchmark takes (its own defaults)."""
+    ap.add_argument("--steps", type=int, default=steps)
+    if warmup is not None:
+        ap.add_argument("--warmup", type=int, default=warmup)
+    ap.add_argument("--prompts", type=int, default=prompts)
+    ap.add_argument("--n", type=int, default=n)
+    ap.add_argument("--tokens", type=int, default=tokens)
+
+
 def run_steps(algo: str, *, steps: int, warmup: int, prompts: int, n: int, tokens: int,
               run_dir: str, overrides: dict | None = None):
     """The real trainer (1 learner) for warmup + steps steps. Returns (rows after the

@@ -25,6 +25,8 @@ import json
 import statistics
 import time
 
+from common import workload_args
+
 
 def turn_requests(trajs, image_token_id: int):
     """For every trajectory, its sampled spans (runs of loss mask 1) as
@@ -59,11 +61,7 @@ def median_time(fn, reps: int) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=4)
-    ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--prompts", type=int, default=4)
-    ap.add_argument("--n", type=int, default=4)
-    ap.add_argument("--tokens", type=int, default=64)
+    workload_args(ap, steps=4, warmup=1, tokens=64)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--set", action="append", default=[],

@@ -14,14 +14,12 @@ import json
 import statistics
 import time
 
+from common import workload_args
+
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=4)
-    ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--prompts", type=int, default=4)
-    ap.add_argument("--n", type=int, default=4)
-    ap.add_argument("--tokens", type=int, default=64)
+    workload_args(ap, steps=4, warmup=1, tokens=64)
     a = ap.parse_args()
 
     import torch

@@ -32,6 +32,8 @@ import subprocess
 import sys
 import time
 
+from common import workload_args
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 TRL_PY = os.path.join(REPO, ".venv", "trl", "bin", "python")
@@ -160,10 +162,7 @@ def trl_child(path: str, a) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", default="tiny,100")
-    ap.add_argument("--prompts", type=int, default=4)
-    ap.add_argument("--n", type=int, default=4)
-    ap.add_argument("--tokens", type=int, default=32)
-    ap.add_argument("--steps", type=int, default=2)
+    workload_args(ap, steps=2, tokens=32)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--trl-child", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
