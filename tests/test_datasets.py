@@ -16,10 +16,10 @@ def png_bytes(size=(40, 30), color=(200, 10, 10), mode="RGB") -> bytes:
     return buf.getvalue()
 
 
-def noisy_png_bytes(size=(64, 64)) -> bytes:
+def noisy_png_bytes(size=(64, 64), seed: int = 0) -> bytes:
     """Incompressible content, so truncating the file really cuts pixel data."""
     buf = io.BytesIO()
-    noise = random.Random(0).randbytes(size[0] * size[1] * 3)
+    noise = random.Random(seed).randbytes(size[0] * size[1] * 3)
     Image.frombytes("RGB", size, noise).save(buf, "PNG")
     return buf.getvalue()
 

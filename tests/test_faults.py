@@ -10,16 +10,12 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import psutil
 import pytest
 
-from conftest import REPO
-
-sys.path.insert(0, os.path.join(REPO, "bench"))
-from chaos import find_process, rows as _rows, start_run  # noqa: E402
+from chaos import SAME, find_process, rows as _rows, start_run
 
 STEPS, PROMPTS, N = 4, 2, 2
 ARGS = ["+algo=grpo", "model=tiny", f"trainer.total_steps={STEPS}",
@@ -27,7 +23,6 @@ ARGS = ["+algo=grpo", "model=tiny", f"trainer.total_steps={STEPS}",
         "rollout.agent.max_new_tokens=24", "rollout.agent.seeded_requests=true",
         "trainer.progress=false", "reward.fn=reward_plugins:shortness_reward",
         "learner.lr=1e-3", "learner.micro_batch_size=2", "trainer.save_final=false"]
-SAME = ("loss", "reward/mean", "grad_norm", "tokens/generated")  # must match the clean run
 
 
 def _start(args: list[str]) -> subprocess.Popen:

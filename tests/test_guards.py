@@ -9,18 +9,16 @@
 """
 from __future__ import annotations
 
-import io
 import json
 import os
 import random
-import struct
-import zlib
 
 import pytest
 import torch
 
 from mmagent_rl.config import Config
 from mmagent_rl.trainer import NonfiniteGuard, Trainer, data_metrics, make_dataset
+from test_datasets import noisy_png_bytes, png_with_header
 
 
 def nan_reward(response_text: str, ground_truth: str, **_):
@@ -99,26 +97,6 @@ def test_lost_learner_stops_with_status_4_without_saving(tmp_path):
 
 # ---- bad data rows in the metrics ----------------------------------------------------
 
-def _png(size=(64, 48), seed=0) -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.frombytes("RGB", size, random.Random(seed).randbytes(size[0] * size[1] * 3)).save(
-        buf, "PNG")
-    return buf.getvalue()
-
-
-def _bomb_png(width=200_000, height=200_000) -> bytes:
-    """A valid PNG header announcing 4e10 pixels, with a tiny body: a decompression
-    bomb that must be refused from its header, before any decoding."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(
-            ">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr)
-            + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b""))
-
-
 def write_bad_data(folder, n_good: int = 4) -> dict:
     """A jsonl with ``n_good`` usable rows and one row for every kind of bad file.
     Returns the expected skip counts."""
@@ -126,12 +104,12 @@ def write_bad_data(folder, n_good: int = 4) -> dict:
     img.mkdir(parents=True, exist_ok=True)
     rows = []
     for i in range(n_good):
-        (img / f"good{i}.png").write_bytes(_png(seed=i))
+        (img / f"good{i}.png").write_bytes(noisy_png_bytes((64, 48), seed=i))
         rows.append({"image": f"img/good{i}.png", "question": "What colour is the square?",
                      "answer": "red", "target_box": [1, 1, 30, 30]})
     (img / "empty.png").write_bytes(b"")
-    (img / "truncated.png").write_bytes(_png()[:300])
-    (img / "bomb.png").write_bytes(_bomb_png())
+    (img / "truncated.png").write_bytes(noisy_png_bytes((64, 48))[:300])
+    (img / "bomb.png").write_bytes(png_with_header(200_000, 200_000))  # 4e10 pixels
     (img / "notes.png").write_text("not an image at all\n")
     q = {"question": "q?", "answer": "a"}
     rows += [

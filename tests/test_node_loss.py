@@ -5,13 +5,13 @@ completes with every step trained once. (The learner sits on the driver's node; 
 learner would stop the run cleanly instead: tests/test_faults.py.)"""
 from __future__ import annotations
 
-import json
 import time
 import uuid
 
 import psutil
 import pytest
 
+from chaos import rows as _rows
 from test_cluster import _alive_nodes, _stop, _submit, _wait_job, cluster  # noqa: F401
 
 STEPS, PROMPTS, N = 5, 2, 2
@@ -28,11 +28,6 @@ def _actors_under(proc) -> list[str]:
         if title.startswith("ray::") and not title.startswith("ray::IDLE"):
             out.append(title[5:].split(".")[0].split()[0])
     return out
-
-
-def _rows(run) -> list[dict]:
-    path = run / "metrics.jsonl"
-    return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
 
 
 @pytest.mark.slow
