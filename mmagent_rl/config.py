@@ -47,8 +47,13 @@ class DataConfig:
     path: Optional[str] = None  # jsonl or parquet, for kind=file
     eval_path: Optional[str] = None
     seed: int = 0
+    # The held-out split's seed; None = data.seed. The testbed preset (data=synthetic_hard)
+    # ties data.seed to the run's seed (the data order varies across seeds) and keeps
+    # this fixed, so every run of a sweep is evaluated on the same examples.
+    eval_seed: Optional[int] = None
     train_size: int = 100_000
-    eval_size: int = 64
+    # 256 x eval.n_samples 4: two 128-example sets of the testbed started 8 points apart
+    eval_size: int = 256
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     # kind=file: rows whose image is larger are skipped (decompression bombs)
     max_image_pixels: int = 64_000_000
@@ -145,6 +150,13 @@ class TrainerConfig:
     # stops the run (exit status 4), to be resumed with trainer.resume=auto.
     max_actor_restarts: int = 3
     actor_restart_timeout_s: float = 900.0  # for a restarted actor to answer again
+    # Held-out evaluation inside training (mmagent_rl/eval.py, the eval.* keys): before
+    # the first step, every N steps and after the last; 0 = none. The eval sampling has
+    # its own per-request seeds (eval.seed), so the training rollouts are the same with
+    # and without it.
+    eval_every: int = 0
+    # tool/use_rate below this warns once and sets tool/collapse_alarm (0 = no watch)
+    tool_collapse_floor: float = 0.2
 
 
 @dataclass
@@ -166,6 +178,9 @@ class EvalConfig:
     max_examples: Optional[int] = None  # None = data.eval_size
     seed: int = 1234
     torch_threads: int = 2
+    # A control: every tool crop is replaced by a blank image of the same size, so an
+    # agent whose answers come from the zoom falls to about chance.
+    blank_tool_images: bool = False
 
 
 @dataclass
@@ -281,6 +296,9 @@ def _validate_model_and_run(cfg: Config) -> None:
     if cfg.trainer.keep_checkpoints < 1:
         raise ValueError(f"trainer.keep_checkpoints={cfg.trainer.keep_checkpoints} must "
                          "be >= 1")
+    if cfg.trainer.eval_every < 0:
+        raise ValueError(f"trainer.eval_every={cfg.trainer.eval_every} must be >= 0 "
+                         "(0 = no held-out eval during training)")
     if cfg.trainer.max_actor_restarts < 0:
         raise ValueError(f"trainer.max_actor_restarts={cfg.trainer.max_actor_restarts} "
                          "must be >= 0 (0 = a dead rollout or reward actor ends the run)")

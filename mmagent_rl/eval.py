@@ -8,11 +8,12 @@ default). Prints a table and writes ``eval.json`` in the run directory.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
 import os
-from statistics import mean
+from statistics import mean, stdev
 
 from mmagent_rl.tools.zoom import is_valid_box
 from mmagent_rl.trajectory import Trajectory, group_by_prompt
@@ -27,6 +28,10 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     if n - c < k:
         return 1.0
     return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def standard_error(xs: list[float]) -> float:
+    return stdev(xs) / math.sqrt(len(xs)) if len(xs) > 1 else 0.0
 
 
 def box_contains(box, target) -> bool:
@@ -46,13 +51,17 @@ def summarize(trajs: list[Trajectory], k: int) -> dict:
     n_with_target = sum(1 for t, _ in calls if t.meta.get("target_box"))
     tool, no_tool = [t for t in trajs if t.used_tool], [t for t in trajs if not t.used_tool]
     n = min(len(g) for g in groups.values())
+    p1 = [pass_at_k(len(g), sum(t.correct for t in g), 1) for g in groups.values()]
+    pk = [pass_at_k(len(g), sum(t.correct for t in g), min(k, len(g))) for g in groups.values()]
     return {
         "n_examples": len(groups),
         "n_samples": n,
         "accuracy": mean(float(t.correct) for t in trajs),
-        "pass@1": mean(pass_at_k(len(g), sum(t.correct for t in g), 1) for g in groups.values()),
-        "pass@k": mean(pass_at_k(len(g), sum(t.correct for t in g), min(k, len(g)))
-                       for g in groups.values()),
+        "pass@1": mean(p1),
+        # standard errors over examples (the samples of one example are not independent)
+        "pass@1_se": standard_error(p1),
+        "pass@k": mean(pk),
+        "pass@k_se": standard_error(pk),
         "k": min(k, n),
         "tool_call_rate": len(tool) / len(trajs),
         "format_rate": float(mean(valid)) if valid else 0.0,
@@ -64,19 +73,38 @@ def summarize(trajs: list[Trajectory], k: int) -> dict:
     }
 
 
+def eval_agent_config(agent_cfg, temperature: float, blank_tool_images: bool = False):
+    """The rollout settings an evaluation samples with: the eval temperature and
+    per-request seeds always (an eval then draws nothing from the engine's global
+    generator, so training that follows samples what it would have without it)."""
+    return dataclasses.replace(agent_cfg, temperature=temperature, seeded_requests=True,
+                               blank_tool_images=blank_tool_images)
+
+
+def run_eval(loop, examples, *, n_samples: int, seed: int, scorer) -> list[Trajectory]:
+    """The one evaluator: ``n_samples`` rollouts per example through ``loop`` (an
+    AgentLoop built with :func:`eval_agent_config`), scored by ``scorer`` (a
+    RewardScorer). The CLI below and the trainer's held-out eval both run this; the
+    trainer splits the examples over its rollout workers and summarises the union."""
+    trajs = loop.run(list(examples), n=n_samples, seed=seed)
+    scorer.score(trajs)
+    return trajs
+
+
 def evaluate(model_path: str, examples, *, n_samples: int, k: int, temperature: float,
              agent_cfg, engine_cfg, reward_fn: str, seed: int = 0,
-             system_prompt: str | None = None) -> tuple[dict, list[Trajectory]]:
+             system_prompt: str | None = None, match_mode: str = "exact",
+             blank_tool_images: bool = False) -> tuple[dict, list[Trajectory]]:
     from mmagent_rl.reward.worker import RewardScorer
     from mmagent_rl.rollout.agent_loop import AgentLoop
     from mmagent_rl.rollout.chat import ChatFormat
     from mmagent_rl.rollout.engine import VLLMEngine
 
-    agent_cfg.temperature = temperature
     engine = VLLMEngine(model_path, engine_cfg)
-    loop = AgentLoop(engine, ChatFormat.from_pretrained(model_path, system_prompt), agent_cfg)
-    trajs = loop.run(list(examples), n=n_samples, seed=seed)
-    RewardScorer(reward_fn).score(trajs)
+    loop = AgentLoop(engine, ChatFormat.from_pretrained(model_path, system_prompt),
+                     eval_agent_config(agent_cfg, temperature, blank_tool_images))
+    trajs = run_eval(loop, examples, n_samples=n_samples, seed=seed,
+                     scorer=RewardScorer(reward_fn, match_mode))
     return summarize(trajs, k), trajs
 
 
@@ -118,7 +146,8 @@ def main() -> None:
             path, examples, n_samples=c.eval.n_samples, k=c.eval.k,
             temperature=c.eval.temperature, agent_cfg=c.rollout.agent,
             engine_cfg=c.rollout.engine, reward_fn=c.reward.fn, seed=c.eval.seed,
-            system_prompt=c.model.system_prompt)
+            system_prompt=c.model.system_prompt, match_mode=c.reward.match_mode,
+            blank_tool_images=c.eval.blank_tool_images)
         result["checkpoint"] = path
         print_table(result)
         with open(os.path.join(run_dir, "eval.json"), "w") as f:

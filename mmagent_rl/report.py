@@ -1,13 +1,18 @@
-"""Curves and a comparison table for finished (or running) runs.
+"""Comparison tables and curves for finished (or running) runs and Hydra sweeps.
 
     python -m mmagent_rl.report DIR... [--out OUTDIR]
 
 Every folder under the given dirs that holds a ``metrics.jsonl`` is a run (a single
 run dir, ``outputs/``, a Hydra ``multirun/`` sweep...). For each run it reads
 ``metrics.jsonl`` (a malformed line is skipped and counted, so a run that crashed
-mid-write still plots), ``config.yaml`` (algo, seed, model) and ``eval.json`` when
-present. It writes one PNG per metric (one line per run; runs without the metric are
-left out of that figure) and ``report.md`` with the comparison tables.
+mid-write still plots; a step logged twice, as by a resumed run, keeps its last
+record), ``config.yaml`` (algo, seed, model) and ``eval.json`` when present.
+
+Runs are grouped by algorithm (``algo.name``), the runs of a group being its seeds.
+OUTDIR receives ``report.md`` (per algorithm: mean ± std over seeds of the held-out
+pass@1/pass@k before and after training, tool use, step time and the mechanism
+figures; per run tables), ``report.json`` (the same figures, for scripts) and the PNG
+figures of report_plots.py.
 """
 from __future__ import annotations
 
@@ -17,24 +22,12 @@ import math
 import os
 import sys
 from dataclasses import dataclass, field
-from statistics import mean
+from functools import cached_property
+from statistics import mean, median, stdev
 
-# (figure file stem, metric key, y-axis label). Every metric gets its own figure.
-CURVES = [
-    ("reward", "reward/mean", "reward (mean)"),
-    ("accuracy", "acc/mean", "accuracy"),
-    ("tool_use_rate", "tool/use_rate", "tool-use rate"),
-    ("all_wrong_rate", "tool/all_wrong_rate", "all-wrong rate (tool users)"),
-    ("alignment", "mapo/alignment", "MAPO alignment"),
-    ("kl", "kl", "KL to reference"),
-    ("time_generate", "time/generate", "generate (s)"),
-    ("time_score", "time/score", "score (s)"),
-    ("time_learn", "time/learn", "learn (s)"),
-    ("time_sync", "time/sync", "sync (s)"),
-    ("time_axpo", "time/axpo", "AXPO round (s)"),
-    ("time_step", "time/step", "step (s)"),
-]
-# Training table columns: (header, metric key, "final" | "mean").
+from mmagent_rl.report_plots import CURVES, SMOOTH_WINDOW, plot_eval, plot_training
+
+# Per-run training table columns: (header, metric key, how: a key of REDUCE).
 TABLE = [
     ("reward final", "reward/mean", "final"),
     ("reward mean", "reward/mean", "mean"),
@@ -46,17 +39,42 @@ TABLE = [
     ("kl final", "kl", "final"),
     ("step s (mean)", "time/step", "mean"),
 ]
+# Comparison table columns: (header, key of summarize()'s result).
+COMPARISON = [
+    ("pass@1 before", "pass@1_before"),
+    ("pass@1 after", "pass@1_after"),
+    ("gain", "pass@1_gain"),
+    ("pass@k before", "pass@k_before"),
+    ("pass@k after", "pass@k_after"),
+    ("tool use", "tool_use_rate"),
+    ("all-wrong", "all_wrong_rate"),
+    ("box hit after", "box_hit_after"),
+    ("step s (median)", "step_s_median"),
+]
+# Mechanism figures, one number per run: (name in tables and report.json, key, how).
+MECHANISMS = [
+    ("mapo/alignment", "mapo/alignment", "mean"),
+    ("mapo/alignment_reward_corr", "mapo/alignment_reward_corr", "mean"),
+    ("papo/kl_prcp", "papo/kl_prcp", "mean"),
+    ("papo/kl_prcp_first", "papo/kl_prcp", "first"),
+    ("papo/kl_prcp_last", "papo/kl_prcp", "final"),
+    ("axpo/triggered_prompts", "axpo/triggered_prompts", "mean"),
+    ("axpo/recovery_rate", "axpo/recovery_rate", "mean"),
+    ("grad/variance", "grad/variance", "mean"),
+]
+REDUCE = {"first": lambda v: v[0], "final": lambda v: v[-1], "mean": mean, "median": median}
 EVAL_KEYS = ["accuracy", "pass@1", "pass@k", "k", "tool_call_rate", "format_rate",
              "box_hit_rate", "n_examples"]
-MISSING = "-"
+MISSING = "—"
 
 
 @dataclass
 class Run:
     path: str
     label: str = ""
-    rows: list[dict] = field(default_factory=list)
+    rows: list[dict] = field(default_factory=list)  # one per step, in step order
     bad_lines: int = 0
+    repeated_steps: int = 0  # records replaced by a later one for the same step
     algo: str | None = None
     seed: int | None = None
     model: str | None = None
@@ -67,26 +85,36 @@ class Run:
         tags = [t for t in (self.algo, None if self.seed is None else f"seed {self.seed}") if t]
         return f"{self.label} ({', '.join(tags)})" if tags else self.label
 
-    def series(self, key: str) -> tuple[list[float], list[float]]:
+    @property
+    def train_steps(self) -> int:
+        return sum(1 for r in self.rows if r["step"] > 0)  # step 0: the eval before training
+
+    @property
+    def eval_rows(self) -> list[dict]:
+        """Rows with a held-out evaluation: step 0 (before training) and the eval steps."""
+        return [r for r in self.rows if _is_number(r.get("eval/pass@1"))]
+
+    def series(self, key: str) -> tuple[list[int], list[float]]:
         """(steps, values) of a numeric metric; rows without it are skipped."""
-        xs, ys = [], []
-        for i, r in enumerate(self.rows):
-            v = r.get(key)
-            if _is_number(v):
-                step = r.get("step")
-                xs.append(step if _is_number(step) else i + 1)
-                ys.append(float(v))
-        return xs, ys
+        pairs = [(r["step"], float(r[key])) for r in self.rows if _is_number(r.get(key))]
+        return [s for s, _ in pairs], [v for _, v in pairs]
 
     def stat(self, key: str, how: str) -> float | None:
         vals = [v for v in self.series(key)[1] if math.isfinite(v)]
-        if not vals:
-            return None
-        return vals[-1] if how == "final" else mean(vals)
+        return REDUCE[how](vals) if vals else None
+
+    @cached_property
+    def summary(self) -> dict[str, float | None]:
+        return summarize(self)
 
 
 def _is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _num(row: dict, key: str) -> float | None:
+    v = row.get(key)
+    return float(v) if _is_number(v) and math.isfinite(v) else None
 
 
 # ---- reading ----------------------------------------------------------------------
@@ -101,8 +129,8 @@ def find_runs(dirs: list[str]) -> list[str]:
 
 
 def read_metrics(path: str) -> tuple[list[dict], int]:
-    """Rows of a metrics.jsonl and the number of malformed (non-JSON-object) lines.
-    Blank lines are not counted."""
+    """Records of a metrics.jsonl, in file order, and the number of malformed lines
+    (not a JSON object with a numeric ``step``). Blank lines are not counted."""
     rows, bad = [], 0
     with open(path, encoding="utf-8", errors="replace") as f:
         for line in f:
@@ -113,11 +141,20 @@ def read_metrics(path: str) -> tuple[list[dict], int]:
             except ValueError:
                 bad += 1
                 continue
-            if isinstance(row, dict):
+            if isinstance(row, dict) and _is_number(row.get("step")):
                 rows.append(row)
             else:
                 bad += 1
     return rows, bad
+
+
+def last_per_step(rows: list[dict]) -> tuple[list[dict], int]:
+    """One record per step, by step: a resumed run may log a step again, and the later
+    record is the one the run continued from. Also returns how many were replaced."""
+    by_step = {}
+    for r in rows:
+        by_step[r["step"]] = r
+    return [by_step[s] for s in sorted(by_step)], len(rows) - len(by_step)
 
 
 def _read_config(run_dir: str) -> dict:
@@ -136,14 +173,33 @@ def _read_config(run_dir: str) -> dict:
     return {}
 
 
+def config_value(cfg: dict, key: str):
+    """The dotted ``key`` of a config. Older launch.py wrote interpolations unresolved
+    (``trainer.seed: ${seed}``): such a value is resolved with OmegaConf. Key by key,
+    because a whole-config resolve fails on any key that needs Hydra's resolvers
+    (``${now:...}``); if this key does not resolve either, its raw text is returned."""
+    value = cfg
+    for part in key.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    if not (isinstance(value, str) and "${" in value):
+        return value
+    from omegaconf import OmegaConf
+
+    try:
+        return OmegaConf.select(OmegaConf.create(cfg), key)
+    except Exception:  # noqa: BLE001 - any OmegaConf error: show what the file says
+        return value
+
+
 def load_run(run_dir: str) -> Run:
     run = Run(path=run_dir)
-    run.rows, run.bad_lines = read_metrics(os.path.join(run_dir, "metrics.jsonl"))
+    rows, run.bad_lines = read_metrics(os.path.join(run_dir, "metrics.jsonl"))
+    run.rows, run.repeated_steps = last_per_step(rows)
     cfg = _read_config(run_dir)
-    section = lambda k: cfg.get(k) if isinstance(cfg.get(k), dict) else {}  # noqa: E731
-    run.algo = section("algo").get("name") or None
-    run.seed = section("trainer").get("seed")
-    run.model = section("model").get("name")
+    run.algo = config_value(cfg, "algo.name") or None
+    seed = config_value(cfg, "trainer.seed")  # what the trainer used; a sweep sets `seed`
+    run.seed = config_value(cfg, "seed") if seed is None else seed
+    run.model = config_value(cfg, "model.name")
     ev = os.path.join(run_dir, "eval.json")
     if os.path.isfile(ev):
         try:
@@ -167,39 +223,65 @@ def load_runs(dirs: list[str]) -> list[Run]:
     return runs
 
 
+# ---- figures per run and per algorithm -------------------------------------------
+def summarize(run: Run) -> dict[str, float | None]:
+    """A run's figures (None: not logged). Before/after are the first and the last
+    eval rows (normally step 0 and the final step); with one eval there is no after."""
+    evals = run.eval_rows
+    before = evals[0] if evals else {}
+    after = evals[-1] if len(evals) > 1 else {}
+    elapsed = run.stat("time/elapsed", "final")
+    s = {
+        "pass@1_before": _num(before, "eval/pass@1"),
+        "pass@1_before_se": _num(before, "eval/pass@1_se"),
+        "pass@1_after": _num(after, "eval/pass@1"),
+        "pass@1_after_se": _num(after, "eval/pass@1_se"),
+        "pass@1_gain": None,
+        "pass@k_before": _num(before, "eval/pass@k"),
+        "pass@k_after": _num(after, "eval/pass@k"),
+        "k": _num(after or before, "eval/k"),
+        "box_hit_after": _num(after, "eval/box_hit_rate"),
+        "tool_use_rate": run.stat("tool/use_rate", "mean"),
+        "all_wrong_rate": run.stat("tool/all_wrong_rate", "mean"),
+        "step_s_median": run.stat("time/step", "median"),
+        "wall_min": None if elapsed is None else elapsed / 60,
+    }
+    if s["pass@1_before"] is not None and s["pass@1_after"] is not None:
+        s["pass@1_gain"] = s["pass@1_after"] - s["pass@1_before"]
+    s.update({name: run.stat(key, how) for name, key, how in MECHANISMS})
+    return s
+
+
+def group_by_algo(runs: list[Run]) -> dict[str, list[Run]]:
+    """{algo: its runs, by seed}, algorithms in order of first appearance."""
+    groups: dict[str, list[Run]] = {}
+    for r in runs:
+        groups.setdefault(r.algo or "?", []).append(r)
+    for rs in groups.values():  # numeric seeds first (10 after 2), then any others
+        rs.sort(key=lambda r: (0, r.seed) if _is_number(r.seed) else (1, str(r.seed)))
+    return groups
+
+
+def aggregate(values: list[float | None]) -> dict | None:
+    """Mean and sample standard deviation (n - 1; None for one value) over the runs
+    that have the figure; None when none has it."""
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return None
+    return {"mean": mean(vals), "std": stdev(vals) if len(vals) > 1 else None,
+            "n": len(vals), "values": vals}
+
+
+def compare(groups: dict[str, list[Run]]) -> dict[str, dict]:
+    """Per algorithm: its runs and every summarize() figure aggregated over them."""
+    return {algo: {"n": len(rs), "seeds": [r.seed for r in rs],
+                   "runs": [r.label for r in rs],
+                   "metrics": {k: aggregate([r.summary[k] for r in rs])
+                               for k in rs[0].summary}}
+            for algo, rs in groups.items()}
+
+
 # ---- writing ----------------------------------------------------------------------
-def plot_curves(runs: list[Run], out: str) -> list[tuple[str, str]]:
-    """One PNG per metric that at least one run has; returns [(stem, key)] written."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    colors = plt.get_cmap("tab10")
-    written = []
-    for stem, key, ylabel in CURVES:
-        lines = [(i, r, *r.series(key)) for i, r in enumerate(runs)]
-        lines = [ln for ln in lines if ln[2]]
-        if not lines:
-            continue
-        fig, ax = plt.subplots(figsize=(6.4, 4.0))
-        for i, r, xs, ys in lines:  # a run keeps its colour in every figure
-            ax.plot(xs, ys, label=r.legend, color=colors(i % 10),
-                    marker="o" if len(xs) < 20 else None, markersize=3)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_xlabel("step")
-        ax.set_ylabel(ylabel)
-        ax.set_title(key)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize="small")
-        fig.tight_layout()
-        fig.savefig(os.path.join(out, stem + ".png"), dpi=100)
-        plt.close(fig)
-        written.append((stem, key))
-    return written
-
-
 def _fmt(v) -> str:
     if v is None:
         return MISSING
@@ -208,40 +290,130 @@ def _fmt(v) -> str:
     return str(v).replace("|", "\\|")
 
 
+def _pm(value: float | None, spread: float | None) -> str:
+    """``value ± spread``, or the value alone when there is no spread."""
+    if value is None or spread is None:
+        return _fmt(value)
+    return f"{_fmt(value)} ± {_fmt(spread)}"
+
+
+def _agg_cell(agg: dict | None, group_size: int) -> str:
+    """mean ± std; (n=...) when only some of the algorithm's runs logged the figure."""
+    if agg is None:
+        return MISSING
+    cell = _pm(agg["mean"], agg["std"])
+    return cell if agg["n"] == group_size else f"{cell} (n={agg['n']})"
+
+
 def _table(header: list[str], rows: list[list]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(_fmt(c) for c in row) + " |" for row in rows]
     return lines
 
 
-def write_markdown(runs: list[Run], figures: list[tuple[str, str]], out: str) -> str:
-    md = ["# Run report", ""]
-    md.append(f"{len(runs)} run(s). `final` is the last logged value, `mean` the mean "
-              f"over all logged steps; {MISSING} = not logged by that run.")
-    md += [""]
+def _comparison_md(comp: dict[str, dict]) -> list[str]:
+    seeds = lambda c: ", ".join(_fmt(s) for s in c["seeds"])  # noqa: E731
+    md = ["## Comparison by algorithm", "",
+          "Mean ± sample standard deviation over seeds (n runs; `(n=...)` when only some "
+          "runs logged the figure). Held-out pass@1/pass@k *before* and *after* are the "
+          "first and last evaluations of each run (normally step 0 and the last step), "
+          "*gain* = after - before per run; tool use and all-wrong are means over the "
+          "training steps, box hit is the last evaluation's, step s the run's median "
+          f"`time/step`. {MISSING} = not logged.", ""]
+    md += _table(["algo", "n", "seeds"] + [h for h, _ in COMPARISON],
+                 [[algo, c["n"], seeds(c)] + [_agg_cell(c["metrics"][k], c["n"])
+                                              for _, k in COMPARISON]
+                  for algo, c in comp.items()])
+    ks = sorted({k for c in comp.values() if c["metrics"]["k"]
+                 for k in c["metrics"]["k"]["values"]})
+    if ks:
+        md += ["", "pass@k with k = " + ", ".join(_fmt(int(k)) for k in ks) + "."]
+    md += ["", "## Mechanisms by algorithm", "",
+           "Mean ± std over seeds of each run's mean over its training steps (`_first`/"
+           f"`_last`: the run's first and last logged value). {MISSING} = the algorithm "
+           "does not log it.", ""]
+    md += _table(["algo", "n"] + [name for name, _, _ in MECHANISMS],
+                 [[algo, c["n"]] + [_agg_cell(c["metrics"][name], c["n"])
+                                    for name, _, _ in MECHANISMS]
+                  for algo, c in comp.items()])
+    return md
+
+
+def _per_run_md(runs: list[Run]) -> list[str]:
+    md = ["## Runs: held-out evaluation", "",
+          "pass@1 ± its standard error over the eval examples (`eval/pass@1_se`).", ""]
+    rows = []
+    for r in runs:
+        s, evals = r.summary, r.eval_rows
+        steps = f"{evals[0]['step']}→{evals[-1]['step']}" if evals else None
+        rows.append([r.label, r.algo, r.seed, r.train_steps, steps,
+                     _pm(s["pass@1_before"], s["pass@1_before_se"]),
+                     _pm(s["pass@1_after"], s["pass@1_after_se"]), s["pass@1_gain"],
+                     s["pass@k_before"], s["pass@k_after"], s["box_hit_after"],
+                     s["tool_use_rate"], s["all_wrong_rate"], s["step_s_median"],
+                     s["wall_min"]])
+    md += _table(["run", "algo", "seed", "steps", "eval steps", "pass@1 before",
+                  "pass@1 after", "gain", "pass@k before", "pass@k after", "box hit after",
+                  "tool use", "all-wrong", "step s (median)", "wall min"], rows)
+    md += ["", "## Runs: training", "",
+           f"`final` is the last logged value, `mean` the mean over all logged steps; "
+           f"{MISSING} = not logged by that run.", ""]
     md += _table(["run", "algo", "seed", "model", "steps", "skipped lines"]
                  + [h for h, _, _ in TABLE],
-                 [[r.label, r.algo, r.seed, r.model, len(r.rows), r.bad_lines]
+                 [[r.label, r.algo, r.seed, r.model, r.train_steps, r.bad_lines]
                   + [r.stat(k, how) for _, k, how in TABLE] for r in runs])
-    bad = [r for r in runs if r.bad_lines]
-    if bad:
-        md += ["", "Malformed lines in metrics.jsonl were skipped: "
-               + ", ".join(f"`{r.label}`: {r.bad_lines}" for r in bad) + "."]
+    for attr, what in (("bad_lines", "Malformed lines in metrics.jsonl were skipped"),
+                       ("repeated_steps", "Steps logged again (a resumed run; the last "
+                                          "record is kept)")):
+        hit = [r for r in runs if getattr(r, attr)]
+        if hit:
+            md += ["", f"{what}: " + ", ".join(f"`{r.label}`: {getattr(r, attr)}"
+                                               for r in hit) + "."]
     evals = [r for r in runs if r.eval]
     if evals:
         md += ["", "## Eval (eval.json)", ""]
         md += _table(["run"] + EVAL_KEYS, [[r.label] + [r.eval.get(k) for k in EVAL_KEYS]
                                            for r in evals])
-    md += ["", "## Curves", ""]
+    return md
+
+
+def write_markdown(runs: list[Run], comp: dict[str, dict], eval_figs: list[tuple[str, str]],
+                   figures: list[tuple[str, str]], out: str) -> str:
+    md = ["# Run report", "", f"{len(runs)} run(s) of {len(comp)} algorithm(s): "
+          + ", ".join(f"{a} ({c['n']})" for a, c in comp.items()) + ".", ""]
+    md += _comparison_md(comp)
+    if eval_figs:
+        md += ["", "## Held-out pass@1", ""]
+        for stem, title in eval_figs:
+            md += [f"![{title}]({stem}.png)", ""]
+    md += [""] + _per_run_md(runs)
+    md += ["", "## Curves", "",
+           f"Solid: centred moving average over {SMOOTH_WINDOW} logged steps; faint: the "
+           "per-step values. One line per algorithm (mean over its seeds at each step), "
+           "or per run when all runs share an algorithm. The accuracy figure marks the "
+           "held-out pass@1.", ""]
     for stem, key in figures:
         md += [f"### {key}", "", f"![{key}]({stem}.png)", ""]
     absent = [key for _, key, _ in CURVES if key not in {k for _, k in figures}]
     if absent:
         md += ["Not logged by any run: " + ", ".join(f"`{k}`" for k in absent) + "."]
-    md += ["", "## Runs", ""] + [f"- `{r.label}`: {r.path}" for r in runs]
+    md += ["", "## Run folders", ""] + [f"- `{r.label}`: {r.path}" for r in runs]
     path = os.path.join(out, "report.md")
     with open(path, "w") as f:
         f.write("\n".join(md) + "\n")
+    return path
+
+
+def write_json(runs: list[Run], comp: dict[str, dict], out: str) -> str:
+    """report.json: {"algorithms": compare(), "runs": [per run summary]}."""
+    data = {"algorithms": comp,
+            "runs": [{"label": r.label, "path": r.path, "algo": r.algo, "seed": r.seed,
+                      "model": r.model, "steps": r.train_steps, "bad_lines": r.bad_lines,
+                      "repeated_steps": r.repeated_steps, "summary": r.summary}
+                     for r in runs]}
+    path = os.path.join(out, "report.json")
+    with open(path, "w") as f:
+        json.dump(data, f, indent=1, allow_nan=False)  # every figure is finite or None
     return path
 
 
@@ -250,8 +422,10 @@ def report(dirs: list[str], out: str) -> list[Run]:
     if not runs:
         raise SystemExit(f"no metrics.jsonl found under {', '.join(dirs)}")
     os.makedirs(out, exist_ok=True)
-    figures = plot_curves(runs, out)
-    write_markdown(runs, figures, out)
+    groups = group_by_algo(runs)
+    comp = compare(groups)
+    write_markdown(runs, comp, plot_eval(groups, out), plot_training(groups, out), out)
+    write_json(runs, comp, out)
     return runs
 
 

@@ -48,7 +48,8 @@ def make_dataset(cfg: Config, split: str = "train", skipped: dict | None = None)
         if split == "train":
             return SyntheticDataset(cfg.data.synthetic, seed=cfg.data.seed,
                                     size=cfg.data.train_size, split="train")
-        return SyntheticDataset(cfg.data.synthetic, seed=cfg.data.seed,
+        eval_seed = cfg.data.seed if cfg.data.eval_seed is None else cfg.data.eval_seed
+        return SyntheticDataset(cfg.data.synthetic, seed=eval_seed,
                                 size=cfg.data.eval_size, split="test")  # held out
     from mmagent_rl.data.datasets import load_examples
 
@@ -188,6 +189,11 @@ class Trainer:
         self.nonfinite = NonfiniteGuard(cfg.trainer.max_nonfinite_steps)
         self.faults = Restarts(cfg.trainer.max_actor_restarts, cfg.trainer.step_timeout_s,
                                cfg.trainer.actor_restart_timeout_s)
+        self.eval_examples = (list(make_dataset(cfg, "eval"))
+                              if cfg.trainer.eval_every else [])
+        self.collapse = ToolCollapseWatch(cfg.trainer.tool_collapse_floor)
+        self.last_eval: dict | None = None
+        self.t_fit = time.perf_counter()  # time/elapsed counts from fit() (or here)
         self.stop_reason: str | None = None
         self.exit_status = 0  # launch.py exits with it when a stop_reason is set
         resume = self._prepare_resume()  # before the logs open: may trim metrics.jsonl
@@ -352,12 +358,46 @@ class Trainer:
              "samples": len(batch), "data/position": self.data_pos,
              **{k: float(v) for k, v in sorted(self.faults.counts.items())}}
         m.pop("tokens", None)
+        m.update(self.collapse.update(m.get("tool/use_rate"), self.step))
+        if self._eval_due():
+            m.update(self.evaluate_heldout())
+        m["time/elapsed"] = time.perf_counter() - self.t_fit
         if c.data.kind == "file":
             m.update(data_metrics(self.data_skipped, len(self.dataset)))
         m["train/nonfinite_in_a_row"] = float(self.nonfinite.update(m))
         if self.metrics_log:
             self.metrics_log.log(m)
         return m
+
+    def _eval_due(self) -> bool:
+        every = self.cfg.trainer.eval_every
+        return bool(every) and (self.step % every == 0
+                                or self.step == self.cfg.trainer.total_steps)
+
+    def evaluate_heldout(self) -> dict:
+        """The held-out figures with the current weights: the eval examples split over
+        the rollout workers, each running mmagent_rl/eval.py's run_eval, summarised
+        here. Returns ``eval/*`` metrics; the full summary is kept for eval.json."""
+        from mmagent_rl.eval import summarize
+
+        import ray
+
+        c, E = self.cfg, self.cfg.eval
+        t0 = time.perf_counter()
+        R = len(self.rollouts)
+        if not hasattr(self, "_eval_refs"):  # each worker's share, stored once
+            self._eval_refs = [ray.put(self.eval_examples[i::R]) for i in range(R)]
+        parts = self._on_rollouts([
+            (i, lambda w, ref=ref: w.evaluate.remote(
+                [ref], E.n_samples, E.seed, E.temperature, c.reward.fn, c.reward.match_mode,
+                E.blank_tool_images))
+            for i, ref in enumerate(self._eval_refs) if i < len(self.eval_examples)])
+        result = summarize([t for p in parts for t in p], E.k)
+        result["step"] = self.step
+        result["time_s"] = time.perf_counter() - t0
+        self.last_eval = result
+        return {f"eval/{k}": float(v) for k, v in result.items()
+                if isinstance(v, (int, float)) and k != "step"}
 
     def sync_weights(self, version: int, only: list[int] | None = None) -> None:
         """Learner rank 0's weights into every rollout engine (or those in ``only``):
@@ -416,6 +456,13 @@ class Trainer:
 
         c = self.cfg
         history = []
+        self.t_fit = time.perf_counter()
+        if c.trainer.eval_every and self.step == 0:  # the "before" figure
+            row = {"step": 0, **self.evaluate_heldout()}
+            row["time/elapsed"] = time.perf_counter() - self.t_fit
+            if self.metrics_log:
+                self.metrics_log.log(row)
+            log.info("held-out eval before training: %s", _format_eval(row))
         bar = tqdm(total=c.trainer.total_steps, desc="train", disable=not c.trainer.progress,
                    dynamic_ncols=True)
         while self.step < c.trainer.total_steps:
@@ -446,6 +493,9 @@ class Trainer:
             self.exit_status = 3
         if c.trainer.save_final:
             self.save(os.path.join(self.run_dir, "checkpoints", "final"))
+        if self.last_eval is not None:
+            with open(os.path.join(self.run_dir, "eval.json"), "w") as f:
+                json.dump(self.last_eval, f, indent=1)
         return history
 
     def _stop_on_fault(self, err: Exception) -> None:
@@ -522,7 +572,7 @@ class Trainer:
                             for lr in self.learners])
         self.step, self.data_pos = int(state["step"]), int(state["data_pos"])
         ck.set_rng_state(state["rng"])
-        for name in ("alarm", "nonfinite"):  # their counters, not their settings
+        for name in ("alarm", "nonfinite", "collapse"):  # their counters, not their settings
             if name in state and hasattr(self, name):
                 getattr(self, name).__dict__.update(
                     {k: v for k, v in state[name].items() if k not in _SETTINGS})
@@ -545,7 +595,7 @@ class Trainer:
                             for lr in self.learners])
         state = {"step": self.step, "data_pos": self.data_pos, "rng": ck.rng_state(),
                  "wandb_id": self.metrics_log.wandb_id if self.metrics_log else None}
-        for name in ("alarm", "nonfinite"):
+        for name in ("alarm", "nonfinite", "collapse"):
             if hasattr(self, name):
                 state[name] = dict(vars(getattr(self, name)))
         state["faults"] = dict(self.faults.counts)
@@ -568,11 +618,37 @@ class Trainer:
             ray.kill(a)
 
 
-_SETTINGS = ("limit", "window", "kl_jump")  # config values, taken from the resumed run's config
+class ToolCollapseWatch:
+    """Tool-call collapse, which users of other frameworks report: ``tool/collapse_alarm``
+    is 1 on steps whose tool-use rate is below the floor; the first such step warns."""
+
+    def __init__(self, floor: float):
+        self.floor, self.warned = floor, False
+
+    def update(self, use_rate: float | None, step: int) -> dict:
+        if not self.floor or use_rate is None:
+            return {}
+        low = use_rate < self.floor
+        if low and not self.warned:
+            self.warned = True
+            log.warning("tool-call collapse? tool/use_rate=%.3f < trainer.tool_collapse_floor"
+                        "=%.3f at step %d (warned once; tool/collapse_alarm marks every such "
+                        "step)", use_rate, self.floor, step)
+        return {"tool/collapse_alarm": float(low)}
+
+
+def _format_eval(m: dict) -> str:
+    keys = ("eval/pass@1", "eval/pass@1_se", "eval/pass@k", "eval/tool_call_rate",
+            "eval/box_hit_rate", "eval/format_rate", "eval/time_s")
+    return " ".join(f"{k}={m[k]:.4g}" for k in keys if k in m)
+
+
+_SETTINGS = ("limit", "window", "kl_jump", "floor")  # config values, taken from the resumed run's config
 
 
 def _format_step(m: dict) -> str:
     keys = ("loss", "reward/mean", "acc/mean", "tool/use_rate", "tool/all_wrong_rate",
             "grad_norm", "time/generate", "time/learn", "time/sync", "tokens_per_s")
     return f"step {m['step']}: " + " ".join(
-        f"{k}={m[k]:.4g}" for k in keys if isinstance(m.get(k), (int, float)))
+        f"{k}={m[k]:.4g}" for k in keys if isinstance(m.get(k), (int, float))) + (
+        " | held-out " + _format_eval(m) if "eval/pass@1" in m else "")

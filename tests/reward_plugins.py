@@ -7,3 +7,15 @@ no signal; this one rewards short responses, which gives every group a spread.""
 def shortness_reward(response_text: str, ground_truth: str, **_):
     r = 1.0 / (1.0 + len(response_text))
     return r, {"correct": 0.0, "has_answer": 0.0}
+
+
+def red_answer_reward(response_text: str, ground_truth: str, **_):
+    """1 for answering "red", whatever the square's colour: a preference the shipped agent
+    can learn within a few steps (tests/test_learning.py). "correct" stays the task's."""
+    from mmagent_rl.reward.task import extract_answer, normalize
+
+    answer = extract_answer(response_text)
+    said_red = answer is not None and normalize(answer) == "red"
+    return float(said_red), {"correct": float(answer is not None
+                                              and normalize(answer) == normalize(ground_truth)),
+                             "has_answer": float(answer is not None)}

@@ -23,7 +23,7 @@ def _rows(run):
 
 
 def _traj(ex, label):
-    crop, box = zoom(ex.image, ex.target_box)
+    crop, box = zoom(ex.image, ex.target_box, out_max_side=112)  # as the agent loop does
     t = Trajectory(prompt_id=ex.id, sample_idx=0, token_ids=[1, 2], loss_mask=[0, 1],
                    logprobs=[0.0, 0.0], images=[ex.image, crop], prompt_len=1,
                    ground_truth=ex.answer)
@@ -32,9 +32,12 @@ def _traj(ex, label):
     return t
 
 
-def test_reward_actor_alignment_prefers_the_true_description_on_heldout_crops():
-    scorer = RewardScorer(clip=ClipConfig(), mapo=MAPOConfig())
-    ds = SyntheticDataset(SyntheticConfig(), seed=0, size=30, split="test")
+@pytest.mark.parametrize("target_size", [(20, 32), (8, 12)])  # default split, testbed
+def test_reward_actor_alignment_prefers_the_true_description_on_heldout_crops(target_size):
+    # label mode: the test's descriptions ride on the calls' labels
+    scorer = RewardScorer(clip=ClipConfig(), mapo=MAPOConfig(description="label"))
+    ds = SyntheticDataset(SyntheticConfig(target_size=target_size), seed=0, size=30,
+                          split="test")
     true, wrong = [], []
     for ex in ds:
         other = next(c for c in COLOR_RGB if c != ex.answer)
@@ -43,7 +46,11 @@ def test_reward_actor_alignment_prefers_the_true_description_on_heldout_crops():
     scorer.score(true + wrong)
     good = [t.meta["align_scores"][0] for t in true]
     bad = [t.meta["align_scores"][0] for t in wrong]
-    assert sum(g > b for g, b in zip(good, bad)) / len(good) >= 0.9
+    # The wrong colour is the palette's first other one (mostly red), a hard fixed pair:
+    # 22/30 on the testbed's 8-12 px squares. Against a random other colour the testbed
+    # accuracy is 0.99 (120 examples; docs/learning.md, MAPO).
+    assert sum(g > b for g, b in zip(good, bad)) / len(good) >= (
+        0.9 if target_size == (20, 32) else 0.7)
     assert all(0.0 <= s <= 1.0 for s in good + bad)
     one_by_one = []
     for t in true[:5]:

@@ -74,8 +74,9 @@ def test_mapo_post_mode_prompt_asks_for_a_description():
 
     cfg = Config()
     cfg.algo.name = "mapo"
+    assert "<description>" in system_prompt(cfg)  # post, the default
+    cfg.algo.mapo.description = "label"
     assert system_prompt(cfg) is None  # label mode: the default tool prompt has "label"
     cfg.algo.mapo.description = "post"
-    assert "<description>" in system_prompt(cfg)
     cfg.model.system_prompt = "mine"
     assert system_prompt(cfg) == "mine"  # an explicit prompt always wins

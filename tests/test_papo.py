@@ -40,7 +40,7 @@ def noisy_image(w, h, mode="RGB", seed=0):
 def test_config_defaults_and_validation():
     c = PAPOConfig()
     assert (c.gamma, c.eta_ori, c.eta_aug, c.mask_prob, c.patch_size, c.kl_clip) == \
-        (0.01, 0.03, 0.03, 0.6, 14, 0.2)
+        (0.01, 0.03, 0.03, 0.6, 14, None)
     assert c.double_entropy_grad and not c.mask_tool_images
     for bad in (dict(gamma=-1), dict(mask_prob=1.5), dict(patch_size=0), dict(kl_clip=0.0),
                 dict(eta_aug=-0.1), dict(gamma_final=0.0), dict(gamma_anneal_steps=10),
@@ -162,7 +162,7 @@ def test_papo_loss_value_and_stats_by_hand():
     theta = t([[math.log(0.5), math.log(0.5), 0.0]], requires_grad=True)
     gcfg = GRPOConfig(kl_beta=0.0)
     loss, s = papo_loss(lp, lp_old, t([[1.0, 1.0, 0.0]]), t(MASK), lp_mask=t(LPM),
-                        lp_mask_theta=theta, grpo_cfg=gcfg, cfg=PAPOConfig(), step=0)
+                        lp_mask_theta=theta, grpo_cfg=gcfg, cfg=PAPOConfig(kl_clip=0.2), step=0)
     # pg: ratio 1, -A = -1 per token -> -1. KL clipped: (0.193147 + 0.2)/2 = 0.1965736
     # entropy_ori = (ln2 + 2 ln2)/2 = 1.5 ln2; entropy_aug = ln2
     exp = -1 - 0.01 * (K3_NEG + 0.2) / 2 + 0.03 * 1.5 * LN2 + 0.03 * LN2

@@ -30,7 +30,7 @@ Scores = Sequence[Sequence["float | None"]]
 
 @dataclass
 class MAPOConfig:
-    description: str = "label"  # "label" (tool-call argument) | "post" (<description> after the crop)
+    description: str = "post"  # "post" (<description> after the crop) | "label" (tool-call argument)
     max_words: int = 16  # longer descriptions score 0 (limits reward hacking by verbosity)
     coupling: str = "turn"  # "turn" | "trajectory"
     lam: float = 0.95  # discount over later turns

