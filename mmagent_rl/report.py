@@ -61,8 +61,13 @@ MECHANISMS = [
     ("axpo/triggered_prompts", "axpo/triggered_prompts", "mean"),
     ("axpo/recovery_rate", "axpo/recovery_rate", "mean"),
     ("grad/variance", "grad/variance", "mean"),
+    # step 1: runs with the same seed train on the same batch there (same data order and
+    # sampling from the same weights), so this compares the algorithms on equal batches
+    ("grad/variance_step1", "grad/variance", "first"),
+    ("eval share of wall", "eval/time_s", "sum"),  # replaced in summarize (needs elapsed)
 ]
-REDUCE = {"first": lambda v: v[0], "final": lambda v: v[-1], "mean": mean, "median": median}
+REDUCE = {"first": lambda v: v[0], "final": lambda v: v[-1], "mean": mean, "median": median,
+          "sum": sum}
 EVAL_KEYS = ["accuracy", "pass@1", "pass@k", "k", "tool_call_rate", "format_rate",
              "box_hit_rate", "n_examples"]
 MISSING = "—"
@@ -249,6 +254,10 @@ def summarize(run: Run) -> dict[str, float | None]:
     if s["pass@1_before"] is not None and s["pass@1_after"] is not None:
         s["pass@1_gain"] = s["pass@1_after"] - s["pass@1_before"]
     s.update({name: run.stat(key, how) for name, key, how in MECHANISMS})
+    # the held-out evals' share of the run's wall time (time/elapsed at the last row)
+    elapsed = run.stat("time/elapsed", "final")
+    s["eval share of wall"] = (s["eval share of wall"] / elapsed
+                               if s["eval share of wall"] is not None and elapsed else None)
     return s
 
 
