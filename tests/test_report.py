@@ -177,7 +177,9 @@ def _expected(rows: list[dict]) -> dict[str, float]:
          "tool use": statistics.mean(train("tool/use_rate")),
          "all-wrong": statistics.mean(train("tool/all_wrong_rate")),
          "step s (median)": statistics.median(train("time/step")),
-         "grad/variance": statistics.mean(train("grad/variance"))}
+         "grad/variance": statistics.mean(train("grad/variance")),
+         "grad/variance_step1": train("grad/variance")[0],
+         "eval share of wall": sum(train("eval/time_s")) / rows[-1]["time/elapsed"]}
     e["gain"] = e["pass@1 after"] - e["pass@1 before"]
     if train("papo/kl_prcp"):
         kl = train("papo/kl_prcp")
@@ -220,8 +222,9 @@ def test_sweep_mechanism_table(tmp_path):
     report.report([root], str(tmp_path / "rep"))
     table = _table((tmp_path / "rep" / "report.md").read_text(), "algo | n | mapo/alignment")
     for algo in ALGOS:
-        assert _mean_std(table[algo]["grad/variance"]) == pytest.approx(
-            _over_seeds(data, algo, "grad/variance"), rel=1e-3)
+        for col in ("grad/variance", "grad/variance_step1", "eval share of wall"):
+            assert _mean_std(table[algo][col]) == pytest.approx(
+                _over_seeds(data, algo, col), rel=1e-3), col
         assert table[algo]["mapo/alignment"] == "—"  # neither logs it
     for col in ("papo/kl_prcp", "papo/kl_prcp_first", "papo/kl_prcp_last"):
         assert table["grpo"][col] == "—"
