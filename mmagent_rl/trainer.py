@@ -174,6 +174,8 @@ def start_learners(cfg: Config, model_path: str, *, algo, total_steps: int, lr=N
 
 
 class Trainer:
+    last_eval: dict | None = None  # the latest held-out eval's summary (eval.json)
+
     def __init__(self, cfg: Config, run_dir: str):
         if OmegaConf.is_config(cfg):  # plain dataclasses from here on
             cfg = OmegaConf.to_object(cfg)
@@ -192,7 +194,6 @@ class Trainer:
         self.eval_examples = (list(make_dataset(cfg, "eval"))
                               if cfg.trainer.eval_every else [])
         self.collapse = ToolCollapseWatch(cfg.trainer.tool_collapse_floor)
-        self.last_eval: dict | None = None
         self.t_fit = time.perf_counter()  # time/elapsed counts from fit() (or here)
         self.stop_reason: str | None = None
         self.exit_status = 0  # launch.py exits with it when a stop_reason is set
