@@ -69,10 +69,14 @@ def test_zero3_matches_zero2_with_several_micro_batches(zero2_reference, tiny_mo
     assert abs(gn3 - gn2) <= 1e-4 * gn2, (gn3, gn2)
     assert w2.keys() == w3.keys()
     # Adam's first step moves every weight by about +-LR; the sum order of ZeRO-2 and
-    # ZeRO-3 differs, which moves weights whose gradient is ~eps by ~1e-2 LR (measured:
-    # 1.4e-2 LR). A lost micro-batch changes the gradient itself (and its norm, above).
-    worst = max((w3[k] - w2[k]).abs().max().item() for k in w2)
-    assert worst <= 5e-2 * LR, worst
+    # ZeRO-3 differs, which moves weights whose gradient is ~eps by a fraction of LR
+    # (measured: up to 1.4e-2 LR on one machine, 7.2e-2 LR on another, for a handful of
+    # weights). A lost micro-batch changes the gradient itself (its norm, above) and
+    # moves most weights: so the bulk must agree, and no weight may differ by LR.
+    diffs = torch.cat([(w3[k] - w2[k]).abs().flatten() for k in w2])
+    off = (diffs > 5e-2 * LR).float().mean().item()
+    assert off <= 1e-4, off
+    assert diffs.max().item() <= LR, diffs.max().item()
     # ... and the step did move the weights (Adam's first step: about LR per weight).
     moved = max((w2[k] - start[k]).abs().max().item() for k in w2)
     assert moved > 0.5 * LR, moved
