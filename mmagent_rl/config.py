@@ -299,6 +299,9 @@ def _validate_model_and_run(cfg: Config) -> None:
     if cfg.trainer.eval_every < 0:
         raise ValueError(f"trainer.eval_every={cfg.trainer.eval_every} must be >= 0 "
                          "(0 = no held-out eval during training)")
+    if cfg.trainer.eval_every and cfg.data.kind == "file" and not cfg.data.eval_path:
+        raise ValueError("trainer.eval_every with data.kind=file needs data.eval_path (a "
+                         "held-out file): without it the eval would run on the training file")
     if cfg.trainer.max_actor_restarts < 0:
         raise ValueError(f"trainer.max_actor_restarts={cfg.trainer.max_actor_restarts} "
                          "must be >= 0 (0 = a dead rollout or reward actor ends the run)")

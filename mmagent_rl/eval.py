@@ -133,6 +133,7 @@ def main() -> None:
     def _run(cfg) -> None:
         import torch
 
+        from mmagent_rl.config import system_prompt
         from mmagent_rl.trainer import make_dataset, resolve_model_path
 
         c = OmegaConf.to_object(cfg)
@@ -146,7 +147,7 @@ def main() -> None:
             path, examples, n_samples=c.eval.n_samples, k=c.eval.k,
             temperature=c.eval.temperature, agent_cfg=c.rollout.agent,
             engine_cfg=c.rollout.engine, reward_fn=c.reward.fn, seed=c.eval.seed,
-            system_prompt=c.model.system_prompt, match_mode=c.reward.match_mode,
+            system_prompt=system_prompt(c), match_mode=c.reward.match_mode,
             blank_tool_images=c.eval.blank_tool_images)
         result["checkpoint"] = path
         print_table(result)

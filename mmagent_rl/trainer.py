@@ -193,6 +193,9 @@ class Trainer:
                                cfg.trainer.actor_restart_timeout_s)
         self.eval_examples = (list(make_dataset(cfg, "eval"))
                               if cfg.trainer.eval_every else [])
+        if cfg.trainer.eval_every and not self.eval_examples:
+            raise ValueError("trainer.eval_every is set but the held-out split is empty "
+                             "(data.eval_size, or the rows of data.eval_path)")
         self.collapse = ToolCollapseWatch(cfg.trainer.tool_collapse_floor)
         self.t_fit = time.perf_counter()  # time/elapsed counts from fit() (or here)
         self.stop_reason: str | None = None

@@ -80,3 +80,14 @@ def test_mapo_post_mode_prompt_asks_for_a_description():
     cfg.algo.mapo.description = "post"
     cfg.model.system_prompt = "mine"
     assert system_prompt(cfg) == "mine"  # an explicit prompt always wins
+
+
+def test_eval_every_on_file_data_needs_a_heldout_file():
+    from mmagent_rl.config import validate_common
+
+    cfg = Config()
+    cfg.data.kind, cfg.data.path, cfg.trainer.eval_every = "file", "train.jsonl", 5
+    with pytest.raises(ValueError, match="data.eval_path"):
+        validate_common(cfg)
+    cfg.data.eval_path = "heldout.jsonl"
+    validate_common(cfg)
