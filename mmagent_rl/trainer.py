@@ -175,6 +175,7 @@ def start_learners(cfg: Config, model_path: str, *, algo, total_steps: int, lr=N
 
 class Trainer:
     last_eval: dict | None = None  # the latest held-out eval's summary (eval.json)
+    _eval_refs: list | None = None  # (worker index, ObjectRef of its eval share)
 
     def __init__(self, cfg: Config, run_dir: str):
         if OmegaConf.is_config(cfg):  # plain dataclasses from here on
@@ -388,14 +389,16 @@ class Trainer:
 
         c, E = self.cfg, self.cfg.eval
         t0 = time.perf_counter()
-        R = len(self.rollouts)
-        if not hasattr(self, "_eval_refs"):  # each worker's share, stored once
-            self._eval_refs = [ray.put(self.eval_examples[i::R]) for i in range(R)]
+        if self._eval_refs is None:  # each worker's non-empty share, put in Ray once
+            R = len(self.rollouts)
+            self._eval_refs = [(i, ray.put(share)) for i in range(R)
+                               if (share := self.eval_examples[i::R])]
+            self.eval_examples = []  # the object store holds them now
         parts = self._on_rollouts([
             (i, lambda w, ref=ref: w.evaluate.remote(
                 [ref], E.n_samples, E.seed, E.temperature, c.reward.fn, c.reward.match_mode,
                 E.blank_tool_images))
-            for i, ref in enumerate(self._eval_refs) if i < len(self.eval_examples)])
+            for i, ref in self._eval_refs])
         result = summarize([t for p in parts for t in p], E.k)
         result["step"] = self.step
         result["time_s"] = time.perf_counter() - t0

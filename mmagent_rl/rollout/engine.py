@@ -350,12 +350,11 @@ class VLLMEngine:
     def rng_preserved(self):
         """Sampling inside leaves the engine's global generators as it found them (the
         trainer's held-out eval: training that follows samples what it would have)."""
-        states = self.llm.collective_rpc(_get_rng_state)
+        state = self.llm.collective_rpc(_get_rng_state)[0]  # ranks of one engine agree
         try:
             yield
         finally:
-            for state in states[:1]:  # one state per worker; ranks of one engine agree
-                self.llm.collective_rpc(_set_rng_state, args=(state,))
+            self.llm.collective_rpc(_set_rng_state, args=(state,))
 
     def mm_cache_items(self) -> int:
         """Entries in the multimodal processor cache (0 if it is off); for tests."""

@@ -26,28 +26,27 @@ class RolloutWorker:
             t.meta["weights_version"] = self.weights_version
         return trajs
 
-    def evaluate(self, examples, n: int, seed: int, temperature: float,
+    def evaluate(self, examples_ref: list, n: int, seed: int, temperature: float,
                  reward_fn: str, match_mode: str = "exact",
                  blank_tool_images: bool = False) -> list[Trajectory]:
         """Held-out eval with the current weights (mmagent_rl/eval.py's run_eval), scored
         here; images are dropped from the result (the driver only summarises).
-        ``examples``: a list, or ``[ObjectRef]`` of one, fetched once and kept (the
-        held-out images are ~3 MB each; a restarted worker fetches them again)."""
+        ``examples_ref``: ``[ObjectRef]`` of this worker's examples (nested, so Ray does
+        not fetch them per call), fetched once and kept: the held-out images are ~3 MB
+        each; a restarted worker fetches them again."""
+        import ray
+
         from mmagent_rl.eval import eval_agent_config, run_eval
         from mmagent_rl.reward.worker import RewardScorer
 
-        if len(examples) == 1 and not isinstance(examples[0], Example):
-            import ray
-
-            key = examples[0].hex()
-            if getattr(self, "_eval_key", None) != key:
-                self._eval_key, self._eval_set = key, ray.get(examples[0])
-            examples = self._eval_set
+        key = examples_ref[0].hex()
+        if getattr(self, "_eval_key", None) != key:
+            self._eval_key, self._eval_set = key, ray.get(examples_ref[0])
 
         loop = AgentLoop(self.engine, self.chat, eval_agent_config(
             self.loop.cfg, temperature, blank_tool_images))
         with self.engine.rng_preserved():  # training then samples as without this eval
-            trajs = run_eval(loop, examples, n_samples=n, seed=seed,
+            trajs = run_eval(loop, self._eval_set, n_samples=n, seed=seed,
                              scorer=RewardScorer(reward_fn, match_mode))
         # ... and finds the caches as it would have.
         self.engine.reset_caches()
