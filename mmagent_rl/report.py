@@ -64,10 +64,10 @@ MECHANISMS = [
     # step 1: runs with the same seed train on the same batch there (same data order and
     # sampling from the same weights), so this compares the algorithms on equal batches
     ("grad/variance_step1", "grad/variance", "first"),
-    ("eval share of wall", "eval/time_s", "sum"),  # replaced in summarize (needs elapsed)
 ]
-REDUCE = {"first": lambda v: v[0], "final": lambda v: v[-1], "mean": mean, "median": median,
-          "sum": sum}
+# The mechanism table's columns: the figures above, then the held-out evals' cost.
+MECHANISM_COLUMNS = [name for name, _, _ in MECHANISMS] + ["eval share of wall"]
+REDUCE = {"first": lambda v: v[0], "final": lambda v: v[-1], "mean": mean, "median": median}
 EVAL_KEYS = ["accuracy", "pass@1", "pass@k", "k", "tool_call_rate", "format_rate",
              "box_hit_rate", "n_examples"]
 MISSING = "—"
@@ -255,9 +255,8 @@ def summarize(run: Run) -> dict[str, float | None]:
         s["pass@1_gain"] = s["pass@1_after"] - s["pass@1_before"]
     s.update({name: run.stat(key, how) for name, key, how in MECHANISMS})
     # the held-out evals' share of the run's wall time (time/elapsed at the last row)
-    elapsed = run.stat("time/elapsed", "final")
-    s["eval share of wall"] = (s["eval share of wall"] / elapsed
-                               if s["eval share of wall"] is not None and elapsed else None)
+    eval_s = run.series("eval/time_s")[1]
+    s["eval share of wall"] = sum(eval_s) / elapsed if eval_s and elapsed else None
     return s
 
 
@@ -341,9 +340,9 @@ def _comparison_md(comp: dict[str, dict]) -> list[str]:
            "Mean ± std over seeds of each run's mean over its training steps (`_first`/"
            f"`_last`: the run's first and last logged value). {MISSING} = the algorithm "
            "does not log it.", ""]
-    md += _table(["algo", "n"] + [name for name, _, _ in MECHANISMS],
+    md += _table(["algo", "n"] + MECHANISM_COLUMNS,
                  [[algo, c["n"]] + [_agg_cell(c["metrics"][name], c["n"])
-                                    for name, _, _ in MECHANISMS]
+                                    for name in MECHANISM_COLUMNS]
                   for algo, c in comp.items()])
     return md
 
