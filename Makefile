@@ -3,22 +3,27 @@ PY := .venv/bin/python
 export OMP_NUM_THREADS ?= 2
 export WANDB_MODE ?= offline
 
-.PHONY: setup demo test bench bench-trl clean
+.PHONY: setup demo test test-fast bench bench-trl clean
 setup:
 	bash scripts/setup_env.sh
 
 # GRPO from the shipped agent on the testbed (data=synthetic_hard): held-out pass@1 on
 # 256 examples x 4 samples before the first step and after the last, printed at the end.
+# It is seed 0 of the learning proof (docs/learning.md).
 TESTBED := data=synthetic_hard trainer.prompts_per_step=8 learner.lr=1e-4 \
 	learner.num_workers=1 learner.torch_threads=2
 demo: setup
-	$(PY) -m mmagent_rl.launch +algo=grpo $(TESTBED) trainer.total_steps=30 \
-	  trainer.eval_every=30 $(ARGS)
+	$(PY) -m mmagent_rl.launch +algo=grpo $(TESTBED) trainer.total_steps=60 \
+	  trainer.eval_every=60 $(ARGS)
 
 test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-# The performance figures of README.md ("Performance"); BENCH_ARGS=--quick for a short run.
+# The unit tier only (tests/conftest.py applies the tiers): pure python/torch, minutes.
+test-fast: setup
+	$(PY) -m pytest -q -m unit $(PYTEST_ARGS)
+
+# The figures of docs/performance.md; BENCH_ARGS=--quick for a short run.
 bench: setup
 	$(PY) bench/overhead.py $(BENCH_ARGS)
 	$(PY) bench/weight_sync.py $(BENCH_ARGS)

@@ -77,10 +77,12 @@ def mapo_part(a, grpo_step_s: float) -> dict:
                           mapo=algo.mapo)
     scorer.score(trajs[:8])  # warm-up
     t0 = time.perf_counter()
-    scorer.score(trajs)
+    scores, reward_metrics = scorer.scores(trajs)
     score_s = time.perf_counter() - t0
+    for t, s in zip(trajs, scores):
+        s.apply(t)
     pairs = sum(len(t.tool_calls) for t in trajs)
-    align_s = trajs[0].meta["align_time_s"]
+    align_s = reward_metrics["mapo/align_time_s"]
 
     model = load_policy(path).train()
     probe = GradProbe(model, seed=0)
@@ -88,7 +90,7 @@ def mapo_part(a, grpo_step_s: float) -> dict:
 
     def variance(name: str) -> float:
         algo.name = name
-        algos.compute_advantages(trajs, algo)
+        algos.build(algo).advantages(trajs)
         probes = []
         for i in range(0, len(trajs), 4):
             b = collate(trajs[i:i + 4], chat.image_processor, chat.image_token_id, chat.pad_id)

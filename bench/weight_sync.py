@@ -5,8 +5,9 @@
 
 For each size a random Qwen2.5-VL is built from a config (no hub; cached like the tiny
 model), then a real ``Learner`` actor (DeepSpeed ZeRO-2, 1 rank) and a real
-``RolloutWorker`` actor (vLLM) start, and ``Trainer.sync_weights`` (the code the trainer
-runs every step) moves the learner's weights into the engine:
+``RolloutWorker`` actor (vLLM) start, and the actor methods that ``Trainer.sync_weights``
+calls every step (``Learner.export_weight_refs``, then ``RolloutWorker.load_weight_refs``)
+move the learner's weights into the engine:
 - ``one_object``: ``sync.bucket_mb=0`` (learner export -> one object -> engine reload);
 - ``bucketed``: ``sync.bucket_mb=B`` (buckets of B MB, loaded one at a time);
 - ``before``: the sync this replaced (``Learner.export_weights`` returns torch tensors,
@@ -30,7 +31,6 @@ import statistics
 import threading
 import time
 from dataclasses import replace
-from types import SimpleNamespace
 
 # (hidden, intermediate, heads, kv heads) per target size in M parameters; the number
 # of layers is solved for the target.
@@ -94,12 +94,13 @@ def measure_size(target_m: int, a) -> dict:
     import torch
 
     from mmagent_rl.algos.grpo import GRPOConfig
+    from mmagent_rl.config import AlgoConfig, LearnerConfig
     from mmagent_rl.learner.worker import make_learner_actor
     from mmagent_rl.models.tiny import ensure_tiny_model
     from mmagent_rl.rollout.agent_loop import AgentConfig
     from mmagent_rl.rollout.engine import EngineConfig, checkpoint_shapes
     from mmagent_rl.rollout.worker import make_rollout_actor
-    from mmagent_rl.trainer import _free_port
+    from mmagent_rl.cluster import free_port
 
     t0 = time.perf_counter()
     spec, n_params = spec_for(target_m)
@@ -109,8 +110,8 @@ def measure_size(target_m: int, a) -> dict:
     nbytes = 4 * sum(int(torch.Size(s).numel()) for s in shapes)
 
     learner = make_learner_actor(0.5).remote(
-        path, rank=0, world_size=1, master_addr="127.0.0.1", master_port=_free_port(),
-        zero_stage=2, algo=GRPOConfig(kl_beta=0.0))
+        path, LearnerConfig(zero_stage=2), AlgoConfig(name="grpo", grpo=GRPOConfig(kl_beta=0.0)),
+        rank=0, world_size=1, master_addr="127.0.0.1", master_port=free_port())
     worker = make_rollout_actor(0.5).remote(
         path, EngineConfig(max_model_len=1024), AgentConfig(max_total_tokens=1024))
     ray.get([learner.config.remote(), worker.ping.remote()], timeout=1800)
@@ -129,13 +130,10 @@ def _modes(a, target_m, learner, worker, pids, shapes, spec, n_params, nbytes, b
     import ray
     import torch
 
-    from mmagent_rl.config import Config
-    from mmagent_rl.trainer import Trainer
+    def sync(version, bucket_mb):  # what Trainer.sync_weights calls, for one learner
+        refs = ray.get(learner.export_weight_refs.remote(bucket_mb), timeout=1800)
+        ray.get(worker.load_weight_refs.remote(refs, version), timeout=1800)
 
-    cfg = Config()
-    cfg.learner.num_workers = 1
-    drv = SimpleNamespace(cfg=cfg, learners=[learner], rollouts=[worker],
-                          _get=lambda refs: ray.get(refs, timeout=1800))
     out = {"params_m": round(n_params / 1e6, 1), "bytes_mb": round(nbytes / 2**20, 1),
            "layers": spec.num_layers, "hidden": spec.hidden_size,
            "build_s": round(build_s, 1)}
@@ -159,7 +157,6 @@ def _modes(a, target_m, learner, worker, pids, shapes, spec, n_params, nbytes, b
             out["before_s"] = None
             out["before_failed"] = f"skipped above {a.before_max_m}M (--before-max-m)"
             continue
-        cfg.sync.bucket_mb = bucket or 0.0
         times, peaks = [], []
         for r in range(a.reps + 1):  # the first is a warm-up
             version += 1
@@ -171,7 +168,7 @@ def _modes(a, target_m, learner, worker, pids, shapes, spec, n_params, nbytes, b
             base = base or mon.base
             t0 = time.perf_counter()
             try:
-                before(version) if bucket is None else Trainer.sync_weights(drv, version)
+                before(version) if bucket is None else sync(version, bucket)
             except ray.exceptions.RayError as e:  # e.g. an actor killed for memory
                 mon.stop()
                 if bucket is not None:
@@ -237,7 +234,7 @@ def step_share(a) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     # 500 fits only on a quiet machine: the engine and learner each need several GiB
-    # more than the model while a sync runs (see README, Performance).
+    # more than the model while a sync runs (see docs/performance.md).
     ap.add_argument("--sizes", default="10,50,100,250")
     ap.add_argument("--bucket-mb", type=float, default=64.0)
     ap.add_argument("--tiny-bucket-mb", type=float, default=1.0)

@@ -10,7 +10,8 @@ Contents:
 - ``learner/``: DeepSpeed's checkpoint of every learner rank (module, ZeRO-partitioned
   optimizer and LR-scheduler states, engine counters) and each rank's RNG states;
 - ``trainer_state.pt``: the driver's step, data position, RNG states (python, numpy,
-  torch) and the other driver-side state (PAPO's hacking alarm, the wandb run id);
+  torch) and the other driver-side state (the watches' counters, the algorithm's state
+  such as PAPO's hacking alarm, the wandb run id);
 - ``COMPLETE``: JSON with the step, learner world size and ZeRO stage.
 
 Rollout engines keep no state worth saving: on resume they get the learners' weights
@@ -25,6 +26,9 @@ import os
 import random
 import re
 import shutil
+import time
+
+from mmagent_rl.guards import SETTINGS
 
 log = logging.getLogger(__name__)
 
@@ -176,3 +180,97 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Checkpointing:
+    """The trainer's resumable checkpoints (a mixin of ``Trainer``: it reads the run's
+    config, learners and counters). A checkpoint holds the learners' DeepSpeed states,
+    the driver's step, data position, RNG states, the watches' and the algorithm's
+    state; resuming trims metrics.jsonl to the checkpoint's step."""
+
+    def _prepare_resume(self) -> dict:
+        """Resolve trainer.resume, turn on per-request seeds when checkpointing, and trim
+        metrics.jsonl to the resumed step; returns the checkpoint's driver state ({})."""
+        import torch
+
+        from mmagent_rl.metrics import truncate_jsonl
+
+        c = self.cfg
+        self.resume_from = resolve_resume(c.trainer.resume, self.run_dir)
+        if c.rollout.agent.seeded_requests is None:
+            # The engine's global generator is not saved: an exact resume needs seeds
+            # that depend only on (step, prompt, sample, turn).
+            c.rollout.agent.seeded_requests = bool(c.trainer.save_every or self.resume_from)
+        elif not c.rollout.agent.seeded_requests and (c.trainer.save_every or self.resume_from):
+            log.warning("rollout.agent.seeded_requests=false: a resumed run will not sample "
+                        "what the uninterrupted run would have")
+        if not self.resume_from:
+            return {}
+        info = read_marker(self.resume_from)  # checked before any actor starts
+        for key, want, have in (("learner.num_workers", info["learner_world_size"],
+                                 c.learner.num_workers),
+                                ("learner.zero_stage", info["zero_stage"], c.learner.zero_stage)):
+            if want != have:
+                raise ValueError(f"{key}={have}, but the checkpoint {self.resume_from} was "
+                                 f"written with {key}={want}; resume with {key}={want}")
+        state = torch.load(os.path.join(self.resume_from, "trainer_state.pt"),
+                           weights_only=False)
+        metrics = os.path.join(self.run_dir, "metrics.jsonl")
+        src = os.path.join(os.path.dirname(os.path.dirname(self.resume_from)), "metrics.jsonl")
+        if not os.path.exists(metrics) and os.path.exists(src) and \
+                os.path.abspath(src) != os.path.abspath(metrics):
+            shutil.copyfile(src, metrics)  # a new run dir continues the old run's log
+        dropped = truncate_jsonl(metrics, state["step"])
+        if dropped:
+            log.info("resume: dropped %d metrics.jsonl records after step %d (they are "
+                     "written again)", dropped, state["step"])
+        return state
+
+    def _resume(self, state: dict) -> None:
+        """Learners load their state; the engines get the resumed weights before the
+        first rollout; the driver's counters and RNG states are restored."""
+        path = self.resume_from
+        t0 = time.perf_counter()
+        self._learners_get([lr.load_state.remote(os.path.join(path, "learner"))
+                            for lr in self.learners])
+        self.step, self.data_pos = int(state["step"]), int(state["data_pos"])
+        set_rng_state(state["rng"])
+        for name in ("nonfinite", "collapse"):  # their counters, not their settings
+            if name in state and hasattr(self, name):
+                getattr(self, name).__dict__.update(
+                    {k: v for k, v in state[name].items() if k not in SETTINGS})
+        if "algorithm" in state and hasattr(self, "algorithm"):
+            self.algorithm.load_state_dict(state["algorithm"])
+        elif "alarm" in state and hasattr(self, "algorithm"):  # checkpoints written before the algorithm registry
+            self.algorithm.load_state_dict({"alarm": list(state["alarm"].get("_hist", []))})
+        self.faults.counts.update(state.get("faults", {}))
+        self.elapsed_before = float(state.get("elapsed", 0.0))
+        self.sync_weights(self.step)
+        log.info("resumed from %s at step %d (%.1f s)", path, self.step,
+                 time.perf_counter() - t0)
+
+    def save_checkpoint(self) -> str:
+        """<run dir>/checkpoints/step_<N>: written into step_<N>.tmp, the COMPLETE marker
+        last, then renamed; the oldest beyond trainer.keep_checkpoints are deleted."""
+        import torch
+
+        c = self.cfg
+        t0 = time.perf_counter()
+        tmp = begin(self.run_dir, self.step)
+        self._learners_get([lr.save_state.remote(os.path.join(tmp, "learner"))
+                            for lr in self.learners])
+        state = {"step": self.step, "data_pos": self.data_pos, "rng": rng_state(),
+                 "wandb_id": self.metrics_log.wandb_id if self.metrics_log else None}
+        for name in ("nonfinite", "collapse"):
+            if hasattr(self, name):
+                state[name] = dict(vars(getattr(self, name)))
+        if hasattr(self, "algorithm"):
+            state["algorithm"] = self.algorithm.state_dict()
+        state["faults"] = dict(self.faults.counts)
+        state["elapsed"] = self.elapsed()  # time/elapsed goes on from here on resume
+        torch.save(state, os.path.join(tmp, "trainer_state.pt"))
+        path = commit(tmp, {"step": self.step, "learner_world_size": c.learner.num_workers,
+                            "zero_stage": c.learner.zero_stage, "algo": c.algo.name})
+        prune(self.run_dir, c.trainer.keep_checkpoints)
+        log.info("checkpoint %s (%.1f s)", path, time.perf_counter() - t0)
+        return path

@@ -11,16 +11,12 @@ from typing import Optional
 
 from hydra.core.config_store import ConfigStore
 
-from mmagent_rl.algos.axpo import AXPOConfig
-from mmagent_rl.algos.grpo import GRPOConfig
-from mmagent_rl.algos.mapo import MAPOConfig
-from mmagent_rl.algos.papo import PAPOConfig
+from mmagent_rl import algos
 from mmagent_rl.data.demos import DemoConfig
 from mmagent_rl.data.synthetic import SyntheticConfig
 from mmagent_rl.rollout.agent_loop import AgentConfig
 from mmagent_rl.rollout.engine import EngineConfig
 
-ALGORITHMS = ("grpo", "mapo", "papo", "axpo")
 
 
 @dataclass
@@ -108,13 +104,9 @@ class LearnerConfig:
     min_lr_ratio: float = 0.1
 
 
-@dataclass
-class AlgoConfig:
-    name: str = ""  # no default: chosen with +algo=grpo (launch refuses to start without)
-    grpo: GRPOConfig = field(default_factory=GRPOConfig)  # every algorithm is GRPO + one change
-    mapo: MAPOConfig = field(default_factory=MAPOConfig)
-    papo: PAPOConfig = field(default_factory=PAPOConfig)
-    axpo: AXPOConfig = field(default_factory=AXPOConfig)
+# name (no default: chosen with +algo=grpo; launch refuses to start without) and one
+# section per registered algorithm with settings: grpo (shared by all), mapo, papo, ...
+AlgoConfig = algos.config_class()
 
 
 @dataclass
@@ -219,13 +211,14 @@ def register() -> None:
 
 
 def system_prompt(cfg: Config) -> Optional[str]:
-    """The configured prompt; for MAPO "post" mode, one that asks for <description>."""
-    if cfg.model.system_prompt is None and cfg.algo.name == "mapo" \
-            and cfg.algo.mapo.description == "post":
-        from mmagent_rl.rollout.chat import MAPO_POST_SYSTEM_PROMPT
+    """The configured prompt, or the one the algorithm asks for (MAPO "post" mode:
+    a prompt that asks for a <description> after each crop)."""
+    if not cfg.algo.name:
+        return cfg.model.system_prompt
+    from mmagent_rl.rollout.chat import DEFAULT_SYSTEM_PROMPT
 
-        return MAPO_POST_SYSTEM_PROMPT
-    return cfg.model.system_prompt
+    return algos.build(cfg.algo).system_prompt(cfg.model.system_prompt,
+                                               DEFAULT_SYSTEM_PROMPT)
 
 
 def _choice(key: str, value, valid) -> None:
@@ -235,7 +228,7 @@ def _choice(key: str, value, valid) -> None:
 
 def validate(cfg: Config) -> None:
     """Checks that types alone cannot express; fails before any actor starts."""
-    _choice("algo.name", cfg.algo.name, ALGORITHMS)
+    algos.get(cfg.algo.name)  # an unknown name fails listing every registered one
     validate_common(cfg)
     validate_placement(cfg)
 

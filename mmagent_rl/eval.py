@@ -43,12 +43,11 @@ def summarize(trajs: list[Trajectory], k: int) -> dict:
     """The eval.json figures from scored trajectories (n per example)."""
     groups = group_by_prompt(trajs)
     calls = [(t, c) for t in trajs for c in t.tool_calls]
-    valid = [c.bbox is not None and is_valid_box(c.bbox, *t.meta["image_size"])
-             for t, c in calls]
-    with_target = [(t, c) for t, c in calls if t.meta.get("target_box") and c.bbox is not None
-                   and is_valid_box(c.bbox, *t.meta["image_size"])]
-    hits = [box_contains(c.bbox, t.meta["target_box"]) for t, c in with_target]
-    n_with_target = sum(1 for t, _ in calls if t.meta.get("target_box"))
+    valid = [c.bbox is not None and is_valid_box(c.bbox, *t.image_size) for t, c in calls]
+    with_target = [(t, c) for t, c in calls if t.target_box and c.bbox is not None
+                   and is_valid_box(c.bbox, *t.image_size)]
+    hits = [box_contains(c.bbox, t.target_box) for t, c in with_target]
+    n_with_target = sum(1 for t, _ in calls if t.target_box)
     tool, no_tool = [t for t in trajs if t.used_tool], [t for t in trajs if not t.used_tool]
     n = min(len(g) for g in groups.values())
     p1 = [pass_at_k(len(g), sum(t.correct for t in g), 1) for g in groups.values()]
@@ -69,7 +68,7 @@ def summarize(trajs: list[Trajectory], k: int) -> dict:
         "accuracy_with_tool": mean(float(t.correct) for t in tool) if tool else 0.0,
         "accuracy_without_tool": mean(float(t.correct) for t in no_tool) if no_tool else 0.0,
         "answer_rate": mean(t.reward_info.get("has_answer", 0.0) for t in trajs),
-        "mean_turns": mean(int(t.meta.get("turns", 0)) for t in trajs),
+        "mean_turns": mean(t.turns for t in trajs),
     }
 
 
@@ -134,7 +133,7 @@ def main() -> None:
         import torch
 
         from mmagent_rl.config import system_prompt
-        from mmagent_rl.trainer import make_dataset, resolve_model_path
+        from mmagent_rl.sources import make_dataset, resolve_model_path
 
         c = OmegaConf.to_object(cfg)
         torch.set_num_threads(c.eval.torch_threads)

@@ -27,10 +27,10 @@ def run(cfg: DictConfig, run_dir: str) -> list[dict]:
     from mmagent_rl.trainer import Trainer
 
     if not OmegaConf.select(cfg, "algo.name", default=None):
-        from mmagent_rl.config import ALGORITHMS
+        from mmagent_rl import algos
 
-        raise SystemExit("choose an algorithm: +algo=grpo (valid: "
-                         + ", ".join(ALGORITHMS) + ")")
+        raise SystemExit("choose an algorithm: +algo=grpo (registered: "
+                         + ", ".join(algos.names()) + ")")
     trainer = Trainer(cfg, run_dir)
     try:
         history = trainer.fit()

@@ -41,7 +41,7 @@ def rollout_metrics(trajs: list[Trajectory]) -> dict[str, float]:
         "tool/error_rate": (sum(not c.ok for c in calls) / len(calls)) if calls else 0.0,
         "response/gen_tokens_mean": mean(t.num_generated for t in trajs),
         "response/len_mean": mean(len(t.token_ids) for t in trajs),
-        "response/turns_mean": mean(int(t.meta.get("turns", 0)) for t in trajs),
+        "response/turns_mean": mean(t.turns for t in trajs),
         "response/max_tokens_rate": mean(float(t.finish_reason == "max_tokens") for t in trajs),
         "response/max_turns_rate": mean(float(t.finish_reason == "max_turns") for t in trajs),
     }

@@ -77,11 +77,11 @@ def run_sft(cfg, run_dir: str) -> list[dict]:
     from tqdm import tqdm
 
     from mmagent_rl.algos.grpo import GRPOConfig
-    from mmagent_rl.config import validate_common
+    from mmagent_rl.config import AlgoConfig, validate_common
     from mmagent_rl.metrics import JsonlLogger
     from mmagent_rl.rollout.chat import ChatFormat
-    from mmagent_rl.trainer import (resolve_model_path, shard_for_learners, start_learners,
-                                    start_ray)
+    from mmagent_rl.cluster import shard_for_learners, start_learners, start_ray
+    from mmagent_rl.sources import resolve_model_path
 
     validate_common(cfg)
     model_path = resolve_model_path(cfg)
@@ -90,8 +90,10 @@ def run_sft(cfg, run_dir: str) -> list[dict]:
     start_ray(cfg)
     import ray
 
-    learners = start_learners(cfg, model_path, algo=GRPOConfig(kl_beta=0.0),
-                              total_steps=cfg.sft.steps, lr=cfg.sft.lr)
+    # the SFT objective needs no algorithm; GRPO without KL loads no reference model
+    no_ref = AlgoConfig(name="grpo", grpo=GRPOConfig(kl_beta=0.0))
+    learners = start_learners(cfg, model_path, algo=no_ref, total_steps=cfg.sft.steps,
+                              lr=cfg.sft.lr)
     timeout = cfg.trainer.step_timeout_s
     metrics = JsonlLogger(os.path.join(run_dir, "metrics.jsonl"))
     history = []

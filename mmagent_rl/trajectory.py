@@ -50,9 +50,25 @@ class Trajectory:
     finish_reason: str = ""  # "answer" | "eos" | "max_turns" | "max_tokens" | ...
     reward: float | None = None
     reward_info: dict[str, float] = field(default_factory=dict)
-    meta: dict[str, Any] = field(default_factory=dict)  # e.g. target box, image size
+    # Where it came from and how it went (set by the agent loop and the rollout worker).
+    example_id: str = ""
+    target_box: tuple[int, int, int, int] | None = None  # the example's evidence box
+    image_size: tuple[int, int] | None = None  # (width, height) of the original image
+    turns: int = 0  # assistant turns completed
+    turn_texts: list[str] = field(default_factory=list)  # each turn's generated text
+    weights_version: int | None = None  # the weights it was sampled with
+    # A cut prefix to continue (AXPO): the fork turn's text generated before the cut.
+    partial_text: str = ""
+    padding: bool = False  # a zero-mask copy that evens out the learners' shards
+    # The example's own scalar metadata (data-specific), and an algorithm's scratch.
+    meta: dict[str, Any] = field(default_factory=dict)
     # Per-token advantage the learner uses; set by the driver (algos/), None before.
     advantages: list[float] | None = None
+    # Set by the reward actor when the algorithm asks for alignment scores (MAPO): per
+    # tool call, the CLIP score in [0, 1] (0 when invalid) and its status ("ok",
+    # "missing", "too_long", ...).
+    align_scores: list[float] | None = None
+    align_statuses: list[str] | None = None
 
     def __post_init__(self) -> None:
         n = len(self.token_ids)

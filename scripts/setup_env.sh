@@ -13,7 +13,7 @@ if [ -f "$STAMP" ]; then exit 0; fi
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 PIP="$VENV/bin/python -m pip"
 # torch first: outside this environment set PIP_EXTRA_INDEX_URL to PyTorch's CPU wheel
-# index so that torch==2.13.0 resolves to the +cpu build (see README).
+# index so that torch==2.13.0 resolves to the +cpu build (see docs/clusters.md).
 $PIP install --quiet "torch==2.13.0"
 $PIP install --quiet -e ".[$ENGINE,test]"
 SITE=$("$VENV/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")

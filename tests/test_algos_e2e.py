@@ -44,8 +44,8 @@ def test_reward_actor_alignment_prefers_the_true_description_on_heldout_crops(ta
         true.append(_traj(ex, f"a {ex.answer} square inside a black ring"))
         wrong.append(_traj(ex, f"a {other} square inside a black ring"))
     scorer.score(true + wrong)
-    good = [t.meta["align_scores"][0] for t in true]
-    bad = [t.meta["align_scores"][0] for t in wrong]
+    good = [t.align_scores[0] for t in true]
+    bad = [t.align_scores[0] for t in wrong]
     # The wrong colour is the palette's first other one (mostly red), a hard fixed pair:
     # 22/30 on the testbed's 8-12 px squares. Against a random other colour the testbed
     # accuracy is 0.99 (120 examples; docs/learning.md, MAPO).
@@ -55,14 +55,14 @@ def test_reward_actor_alignment_prefers_the_true_description_on_heldout_crops(ta
     one_by_one = []
     for t in true[:5]:
         scorer.score([t])
-        one_by_one.append(t.meta["align_scores"][0])
+        one_by_one.append(t.align_scores[0])
     assert one_by_one == pytest.approx(good[:5], abs=1e-5)
     missing = _traj(ds[0], None)
     too_long = _traj(ds[0], "word " * 17)
     scorer.score([missing, too_long])
-    assert missing.meta["align_scores"] == [0.0] and too_long.meta["align_scores"] == [0.0]
-    assert missing.meta["align_statuses"] == ["missing"]
-    assert too_long.meta["align_statuses"] == ["too_long"]
+    assert missing.align_scores == [0.0] and too_long.align_scores == [0.0]
+    assert missing.align_statuses == ["missing"]
+    assert too_long.align_statuses == ["too_long"]
 
 
 @pytest.mark.slow

@@ -58,7 +58,7 @@ def build(pid, idx, turns, correct=False, names=None, lps=None, masks=None, crop
     return Trajectory(prompt_id=pid, sample_idx=idx, token_ids=ids, loss_mask=mask,
                       logprobs=lp, images=images, prompt_len=3, response_text=text,
                       tool_calls=calls, reward=float(correct),
-                      reward_info={"correct": float(correct)}, meta={"turns": len(turns)})
+                      reward_info={"correct": float(correct)}, turns=len(turns))
 
 
 TOOL_WRONG = [[1, 2, OPEN, 3, CLOSE], [4, 5]]
@@ -136,15 +136,26 @@ def test_select_breadth_first_least_confident_first():
     sel = select_prefixes(trajs, cfg, OPEN, batch_prompts=5, group_size=2)
     assert [(s.traj.prompt_id, s.traj.sample_idx) for s in sel] == [("c", 0)]
     assert sel[0].fork == 5 and sel[0].confidence == pytest.approx(0.1)
-    # budget 4: round 1 = least confident of each prompt, prompts ordered c(0.1) a(0.2)
-    # b(0.5); round 2 starts with c's next one
+    # budget 4: round 1 = least confident of each prompt, c(0.1) a(0.2) b(0.5); round 2
+    # = the next of each, by their own confidence: a(0.3) before c(0.9)
     cfg = AXPOConfig(budget_ratio=1.0, k=1)
     sel = select_prefixes(trajs, cfg, OPEN, batch_prompts=2, group_size=2)
     assert [(s.traj.prompt_id, s.traj.sample_idx) for s in sel] == [
-        ("c", 0), ("a", 1), ("b", 0), ("c", 1)]
+        ("c", 0), ("a", 1), ("b", 0), ("a", 2)]
     # a budget larger than the candidates takes them all
     sel = select_prefixes(trajs, AXPOConfig(budget_ratio=10.0, k=1), OPEN, 5, 2)
-    assert len(sel) == 6 and [s.traj.prompt_id for s in sel[3:]] == ["c", "a", "a"]
+    assert len(sel) == 6 and [s.traj.prompt_id for s in sel[3:]] == ["a", "c", "a"]
+
+
+def test_select_orders_each_round_by_the_prefix_own_confidence():
+    """The float64 re-implementation's case: the budget ends mid-round 2, where q3's
+    .374 must win over q2's .58 (ordering rounds by the prompts' first-round confidence
+    picked .58)."""
+    trajs = [_wrong("q2", 0, 0.09), _wrong("q2", 1, 0.58), _wrong("q0", 0, 0.32),
+             _wrong("q0", 1, 0.40), _wrong("q3", 0, 0.372), _wrong("q3", 1, 0.374)]
+    sel = select_prefixes(trajs, AXPOConfig(budget_ratio=1.0, k=1), OPEN, batch_prompts=2,
+                          group_size=2)
+    assert [round(s.confidence, 3) for s in sel] == [0.09, 0.32, 0.372, 0.374]
     assert select_prefixes(trajs, AXPOConfig(budget_ratio=0.0), OPEN, 5, 2) == []
 
 
@@ -173,9 +184,9 @@ def test_make_prefix_truncates_and_keeps_earlier_images():
     assert p.token_ids == t.token_ids[:fork] and p.loss_mask == t.loss_mask[:fork]
     assert p.logprobs == t.logprobs[:fork] and p.advantages == t.advantages[:fork]
     assert p.images == t.images[:2]
-    assert p.meta["turns"] == 1 and [c.turn for c in p.tool_calls] == [0]
+    assert p.turns == 1 and [c.turn for c in p.tool_calls] == [0]
     assert p.response_text == "w1 <tool_call>w2 </tool_call>w3 <tool_call>"
-    assert p.meta["axpo_partial_text"] == "w3 <tool_call>"
+    assert p.partial_text == "w3 <tool_call>"
     assert p.meta["axpo_fork_turn_start"] == 9 and p.meta["axpo_prefix_text_ok"]
     assert p.reward is None and p.reward_info == {}
     assert t.token_ids[fork:] and len(t.images) == 3  # source untouched
@@ -185,7 +196,7 @@ def test_make_prefix_literal_tag_in_thinking_text():
     t = build("p", 0, [[1, OPEN, 2, OPEN, 3, CLOSE], [4]])
     p = make_prefix(t, fork_point(t, OPEN))
     assert p.response_text == "w1 <tool_call>w2 <tool_call>"
-    assert p.meta["turns"] == 0 and p.tool_calls == [] and len(p.images) == 1
+    assert p.turns == 0 and p.tool_calls == [] and len(p.images) == 1
 
 
 # ---------------------------------------------------------------- advantages
@@ -240,7 +251,6 @@ def test_continuation_group_normalisation_and_prefix_credit_recovered():
     # weights: token-mean keeps the ordinary normaliser
     n_ord = sum(t.num_generated for t in trajs)
     assert out["loss_weight"] == pytest.approx((n_ord + 12) / n_ord)
-    assert all(t.meta["loss_weight"] == out["loss_weight"] for t in trajs + conts)
 
 
 def test_prefix_credit_without_recovery_and_two_sources():

@@ -256,7 +256,7 @@ def test_two_step_run_as_a_job_on_two_nodes(cluster, tmp_path):
 def test_job_runtime_env_vars_do_not_break_start_ray(cluster):
     """start_ray alone (no actors, seconds), as a job whose runtime env sets WANDB_MODE."""
     code = ("import ray; from mmagent_rl.config import Config; "
-            "from mmagent_rl.trainer import start_ray; c = Config(); "
+            "from mmagent_rl.cluster import start_ray; c = Config(); "
             "c.trainer.ray_address = 'auto'; start_ray(c); "
             "assert len([n for n in ray.nodes() if n['Alive']]) == 2")
     p = subprocess.run(

@@ -249,24 +249,24 @@ def test_pixels_reach_the_processor_and_the_agent_loop(tiny_model_path):
     assert loop.chat.system_prompt == default.system_prompt
 
 
-def test_pixels_reach_vllm_mm_processor_kwargs(tiny_model_path, monkeypatch):
-    import vllm
-
+def test_pixels_reach_vllm_mm_processor_kwargs(tiny_model_path, chat, examples):
+    """A real engine: model.min/max_pixels and rollout.engine.extra's own
+    mm_processor_kwargs both reach vLLM's multimodal config, and its image tokens are
+    counted with them (a prompt built for the default resolution is refused)."""
+    from mmagent_rl.rollout.agent_loop import AgentLoop
     from mmagent_rl.rollout.engine import EngineConfig, VLLMEngine
 
-    seen = {}
-
-    class FakeLLM:
-        def __init__(self, **kw):
-            seen.update(kw)
-
-    monkeypatch.setattr(vllm, "LLM", FakeLLM)
-    eng = VLLMEngine(tiny_model_path, EngineConfig(**PIX, extra={
+    eng = VLLMEngine(tiny_model_path, EngineConfig(max_model_len=1024, **PIX, extra={
         "mm_processor_kwargs": {"fps": 1}}))
-    assert seen["mm_processor_kwargs"] == {"fps": 1, **PIX}
+    mm = eng.llm.llm_engine.vllm_config.model_config.multimodal_config
+    assert mm.mm_processor_kwargs == {"fps": 1, **PIX}
     assert eng.processor_kwargs == {"fps": 1, **PIX}
-    VLLMEngine(tiny_model_path, EngineConfig())
-    assert "mm_processor_kwargs" not in seen or seen["mm_processor_kwargs"] != PIX
+    # the agent loop counts image tokens the engine's way, so a rollout goes through
+    (t,) = AgentLoop(eng, chat).run(examples[:1], n=1, seed=0)
+    assert t.num_generated > 0
+    prompt_pads = t.token_ids[:t.prompt_len].count(chat.image_token_id)
+    assert prompt_pads == AgentLoop(eng, chat).chat.num_image_tokens(examples[0].image) \
+        < chat.num_image_tokens(examples[0].image)
 
 
 def test_learner_gets_attn_checkpointing_and_pixels(tiny_model_path, tmp_path):
@@ -279,11 +279,13 @@ def test_learner_gets_attn_checkpointing_and_pixels(tiny_model_path, tmp_path):
 import json, socket, torch
 torch.set_num_threads(1)
 from mmagent_rl.algos.grpo import GRPOConfig
+from mmagent_rl.config import AlgoConfig, ModelConfig
 from mmagent_rl.learner.worker import Learner
 s = socket.socket(); s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]; s.close()
-lr = Learner({tiny_model_path!r}, master_port=port, algo=GRPOConfig(kl_beta=0.01),
-             attn_implementation="eager", gradient_checkpointing=True,
-             min_pixels={PIX['min_pixels']}, max_pixels={PIX['max_pixels']})
+model = ModelConfig(attn_implementation="eager", gradient_checkpointing=True,
+                    min_pixels={PIX['min_pixels']}, max_pixels={PIX['max_pixels']})
+lr = Learner({tiny_model_path!r}, algo=AlgoConfig(name="grpo", grpo=GRPOConfig(kl_beta=0.01)),
+             model=model, master_port=port)
 m = lr.engine.module
 lr.save({str(tmp_path / 'out')!r})
 print(json.dumps({{"attn": m.config._attn_implementation,

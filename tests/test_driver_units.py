@@ -8,7 +8,7 @@ from mmagent_rl import algos
 from mmagent_rl.algos.grpo import GRPOConfig
 from mmagent_rl.config import Config, validate
 from mmagent_rl.metrics import rollout_metrics
-from mmagent_rl.trainer import shard_for_learners
+from mmagent_rl.cluster import shard_for_learners
 from mmagent_rl.trajectory import ToolCall, Trajectory
 
 
@@ -91,3 +91,41 @@ def test_eval_every_on_file_data_needs_a_heldout_file():
         validate_common(cfg)
     cfg.data.eval_path = "heldout.jsonl"
     validate_common(cfg)
+
+
+def test_eval_examples_travel_as_arrays_and_come_back_identical():
+    import numpy as np
+    from PIL import Image
+
+    from mmagent_rl.data.example import Example, examples_from_wire, examples_to_wire
+    from mmagent_rl.data.synthetic import SyntheticConfig, SyntheticDataset
+
+    ds = SyntheticDataset(SyntheticConfig(), seed=0, size=4, split="test")
+    exs = [ds[i] for i in range(4)]
+    exs.append(Example("p", Image.new("P", (8, 8)), "q", "a"))  # a mode sent as it is
+    wire = examples_to_wire(exs)
+    assert all(isinstance(px, np.ndarray) for _, px in wire[:4]) and wire[4][1] is None
+    assert all(ex.image is None for ex, _ in wire[:4])
+    for a, b in zip(exs, examples_from_wire(wire)):
+        assert (a.id, a.question, a.answer, a.target_box, a.meta, a.image.mode, a.image.size) \
+            == (b.id, b.question, b.answer, b.target_box, b.meta, b.image.mode, b.image.size)
+        assert np.array_equal(np.asarray(a.image), np.asarray(b.image))
+
+
+def test_reward_scorer_returns_scores_not_trajectories():
+    """The reward actor's call sends back one Score per trajectory (no images); the
+    driver applies them. The trajectories it was given are left unchanged."""
+    from mmagent_rl.reward.worker import RewardScorer, Score
+    from mmagent_rl.trajectory import Trajectory
+
+    trajs = [Trajectory(prompt_id="p", sample_idx=i, token_ids=[1, 2], loss_mask=[0, 1],
+                        logprobs=[0.0, 0.0], images=[], prompt_len=1, ground_truth="red",
+                        response_text=f"<answer>{a}</answer>")
+             for i, a in enumerate(("red", "blue"))]
+    scores, metrics = RewardScorer().scores(trajs)
+    assert all(isinstance(s, Score) for s in scores) and metrics == {}
+    assert [t.reward for t in trajs] == [None, None]
+    for t, s in zip(trajs, scores):
+        s.apply(t)
+    assert [t.correct for t in trajs] == [True, False] and trajs[0].reward > trajs[1].reward
+    assert trajs[0].align_scores is None  # no alignment asked for

@@ -35,7 +35,7 @@ def test_engine_and_learner_logprobs_agree_on_multiturn_with_crop(engine, chat, 
     ex = examples[0]
     trajs = loop.run([ex, examples[1]], n=2, seed=3,
                      scripted_turns=[VALID_CALL % ex.target_box])
-    forced = [t for t in trajs if t.meta["example_id"] == ex.id]
+    forced = [t for t in trajs if t.example_id == ex.id]
     # the scripted call really ran: an observation with the crop, then sampled tokens
     assert all(len(t.images) == 2 and t.tool_calls[0].ok for t in forced)
     assert all(t.num_generated > 0 for t in trajs)
@@ -121,7 +121,7 @@ def test_bad_tool_calls_become_error_observations_and_the_loop_goes_on(
     assert len(t.images) == 1  # no crop was added
     obs_text = chat.decode(t.token_ids[t.prompt_len:])
     assert call.error in obs_text  # the model sees the error
-    assert t.meta["turns"] >= 2 and t.num_generated > 0  # and generation continued
+    assert t.turns >= 2 and t.num_generated > 0  # and generation continued
 
 
 def test_trajectories_are_capped_by_max_turns_and_tokens(engine, chat, examples):
@@ -129,7 +129,7 @@ def test_trajectories_are_capped_by_max_turns_and_tokens(engine, chat, examples)
     call = VALID_CALL % ex.target_box
     loop = AgentLoop(engine, chat, AgentConfig(max_new_tokens=8, max_turns=2))
     (t,) = loop.run([ex], n=1, seed=0, scripted_turns=[call, call])
-    assert t.finish_reason == "max_turns" and t.meta["turns"] == 2 and t.num_generated == 0
+    assert t.finish_reason == "max_turns" and t.turns == 2 and t.num_generated == 0
     loop = AgentLoop(engine, chat, AgentConfig(max_new_tokens=64, max_total_tokens=260))
     (t,) = loop.run([ex], n=1, seed=0)
     assert len(t.token_ids) <= 260 and t.finish_reason in ("max_tokens", "eos")
@@ -245,7 +245,7 @@ def test_continue_from_keeps_the_prefix_and_forces_a_tool_call(engine, chat, pol
     prefix = Trajectory(prompt_id=ex.id, sample_idx=3, token_ids=ids,
                         loss_mask=[0] * len(ids), logprobs=[0.0] * len(ids),
                         images=[ex.image], prompt_len=len(ids), response_text=partial,
-                        meta={"turns": 0, "axpo_partial_text": partial})
+                        turns=0, partial_text=partial)
     loop = AgentLoop(engine, chat, AgentConfig(max_new_tokens=20, max_turns=3))
     conts = loop.continue_from([prefix], [ex], k=3, seed=5)
     assert len(conts) == 3 and {c.prompt_id for c in conts} == {f"{ex.id}/cont3"}

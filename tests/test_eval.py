@@ -26,7 +26,7 @@ def _t(pid, correct, calls=(), target=(100, 100, 200, 200)):
     t = Trajectory(prompt_id=pid, sample_idx=0, token_ids=[1, 2], loss_mask=[0, 1],
                    logprobs=[0.0, 0.0], images=[], prompt_len=1)
     t.reward_info = {"correct": float(correct), "has_answer": 1.0}
-    t.meta = {"image_size": (1024, 1024), "target_box": target, "turns": 1 + len(calls)}
+    t.image_size, t.target_box, t.turns = (1024, 1024), target, 1 + len(calls)
     t.tool_calls = [ToolCall(turn=0, raw="", bbox=b, error=None if b else "Error: x")
                     for b in calls]
     return t

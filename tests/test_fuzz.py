@@ -304,7 +304,7 @@ def _check_trajectory(t, chat, cfg: AgentConfig, prompt_len: int) -> None:
     ids = t.token_ids
     assert len(ids) == len(t.loss_mask) == len(t.logprobs)
     assert len(ids) <= max(cfg.max_total_tokens, prompt_len)
-    assert t.meta["turns"] <= cfg.max_turns
+    assert t.turns <= cfg.max_turns
     assert t.finish_reason in ("eos", "max_tokens", "max_turns")
     assert sum(t.loss_mask[:prompt_len]) == 0
     assert all(ids[i] != chat.image_token_id for i, m in enumerate(t.loss_mask) if m)
@@ -408,7 +408,7 @@ def test_scripted_turn_is_cut_like_a_generation(chat, examples):
     loop = AgentLoop(engine, chat, AgentConfig(max_turns=3, max_total_tokens=prompt_len + 400))
     (t,) = loop.run([ex], n=1, scripted_turns=["<|image_pad|><|vision_start|>" + call * 3])
     assert len(t.images) == 2 and len(t.tool_calls) >= 1 and t.tool_calls[0].ok
-    assert t.meta["turn_texts"][0].count("</tool_call>") == 1
+    assert t.turn_texts[0].count("</tool_call>") == 1
     loop = AgentLoop(engine, chat, AgentConfig(max_turns=3, max_total_tokens=prompt_len + 5))
     (t,) = loop.run([ex], n=1, scripted_turns=["x" * 50 + call])
     assert len(t.token_ids) == prompt_len + 5 and t.finish_reason == "max_tokens"

@@ -17,7 +17,9 @@ import pytest
 import torch
 
 from mmagent_rl.config import Config
-from mmagent_rl.trainer import NonfiniteGuard, Trainer, data_metrics, make_dataset
+from mmagent_rl.guards import NonfiniteGuard
+from mmagent_rl.sources import data_metrics, make_dataset
+from mmagent_rl.trainer import Trainer
 from test_datasets import noisy_png_bytes, png_with_header
 
 
@@ -172,13 +174,13 @@ def test_poisoned_batch_on_one_rank_skips_the_step_on_every_rank(
     import ray
 
     from mmagent_rl.learner.worker import finalize_metrics
-    from mmagent_rl.trainer import start_learners
+    from mmagent_rl.cluster import start_learners
 
     cfg = Config()
     cfg.algo.name = "grpo"
     cfg.learner.num_workers, cfg.learner.zero_stage, cfg.learner.lr = 2, zero_stage, 1e-2
     cfg.learner.micro_batch_size = 2
-    learners = start_learners(cfg, tiny_model_path, algo=cfg.algo.grpo, total_steps=10)
+    learners = start_learners(cfg, tiny_model_path, total_steps=10)
     get = lambda refs: ray.get(refs, timeout=600)  # noqa: E731
 
     def full_checksum(learner) -> float:  # runs inside the actor (every rank at once)

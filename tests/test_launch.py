@@ -61,4 +61,6 @@ def test_unknown_config_key_fails_at_start_naming_it(tmp_path):
 def test_missing_algo_fails_with_the_valid_choices(tmp_path):
     p = launch([f"hydra.run.dir={tmp_path}"], timeout=120)
     assert p.returncode != 0
-    assert "+algo=grpo" in p.stderr + p.stdout
+    out = p.stderr + p.stdout
+    assert "+algo=grpo" in out
+    assert "registered: grpo, mapo, papo, axpo, gspo" in out  # every one, not one of five

@@ -92,7 +92,7 @@ def test_testbed_heldout_split_is_disjoint_from_every_training_stream():
 
     from mmagent_rl.config import register
     from mmagent_rl.data.synthetic import SPLIT_OFFSETS, SyntheticConfig, generate_example
-    from mmagent_rl.trainer import make_dataset
+    from mmagent_rl.sources import make_dataset
     from conftest import REPO
 
     register()
@@ -152,7 +152,7 @@ def test_blank_tool_images_control_replaces_every_crop(engine, chat, examples):
 
 
 def test_tool_collapse_watch_warns_once_and_marks_every_low_step(caplog):
-    from mmagent_rl.trainer import ToolCollapseWatch
+    from mmagent_rl.guards import ToolCollapseWatch
 
     watch = ToolCollapseWatch(0.2)
     with caplog.at_level("WARNING"):

@@ -134,6 +134,8 @@ def test_resume_is_exact(tmp_path, zero_stage):
     got = _rows(part)
     assert [r["step"] for r in got] == [1, 2, 3, 4]
     assert got[:2] == ref[:2]  # the rows before the checkpoint are kept as written
+    # time/elapsed goes on from the checkpoint's, it does not restart at 0
+    assert got[1]["time/elapsed"] < got[2]["time/elapsed"] < got[3]["time/elapsed"]
     for a, b in zip(ref[2:], got[2:]):
         assert abs(a["loss"] - b["loss"]) <= 1e-6, (a["loss"], b["loss"])
         for k in ("grad_norm", "lr", "reward/mean", "tokens/generated", "data/position"):

@@ -23,7 +23,7 @@ def _one_step(chat, model_path, zero_stage: int, micro_batch_size: int):
 
     from test_guards import _batch
 
-    from mmagent_rl.trainer import start_learners
+    from mmagent_rl.cluster import start_learners
 
     def full_weights(learner) -> dict:  # runs inside the actor (every rank at once)
         import deepspeed
@@ -37,7 +37,7 @@ def _one_step(chat, model_path, zero_stage: int, micro_batch_size: int):
     cfg.algo.name = "grpo"
     cfg.learner.num_workers, cfg.learner.zero_stage, cfg.learner.lr = 2, zero_stage, LR
     cfg.learner.micro_batch_size = micro_batch_size
-    learners = start_learners(cfg, model_path, algo=cfg.algo.grpo, total_steps=10)
+    learners = start_learners(cfg, model_path, total_steps=10)
     get = lambda refs: ray.get(refs, timeout=900)  # noqa: E731
     try:
         shards = [_batch(chat, 4, False, 0), _batch(chat, 4, False, 1)]

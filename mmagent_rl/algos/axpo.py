@@ -1,5 +1,5 @@
 """AXPO: resample wrong tool-using rollouts from the opening <tool_call> of their first
-real call (spec: ALGORITHMS.md, section "AXPO"). Pure python/torch; token ids are ints.
+real call (docs/algorithms.md, "AXPO"). Pure python/torch; token ids are ints.
 
 Step: ordinary rollouts -> ``grpo_advantages`` (caller) -> ``select_prefixes`` ->
 ``make_prefix`` -> ``AgentLoop.continue_from(prefixes, examples, cfg.k)`` ->
@@ -17,10 +17,11 @@ Documented choices (our reading of the spec):
   rollouts of the group keep their advantages.
 - Weights: continuations are extra rollouts of their prompt with the same per-rollout
   weight as ordinary ones; the normaliser stays the ordinary batch, so adding them never
-  shrinks an ordinary rollout's weight (1/G per rollout, mean over prompts). The
-  learner's aggregate divides by the whole batch, so every trajectory gets the uniform
-  ``meta["loss_weight"] = total / ordinary`` (generated tokens for token-mean,
-  sequences for seq-mean-*); the learner multiplies its per-token loss by it.
+  shrinks an ordinary rollout's weight (1/G per rollout, mean over prompts): the
+  trainer gives the learners the ordinary batch's token and sequence counts as the
+  loss's normaliser. ``axpo_advantages`` reports the resulting ``loss_weight`` = total
+  / ordinary (generated tokens for token-mean, sequences for seq-mean-*), the factor
+  by which the batch's loss exceeds a plain mean over it.
 """
 from __future__ import annotations
 
@@ -30,7 +31,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from mmagent_rl.algos.grpo import GRPOConfig, group_advantages
+from mmagent_rl.algos.grpo import GRPO, GRPOConfig, group_advantages
+from mmagent_rl.algos.registry import StepContext, register
 from mmagent_rl.tools.parse import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
 from mmagent_rl.trajectory import Trajectory, group_by_prompt
 
@@ -136,11 +138,15 @@ def select_prefixes(trajs: list[Trajectory], cfg: AXPOConfig, tool_call_open_id:
         per_prompt.sort(key=lambda c: c[0].confidence)
     out: list[Selection] = []
     for rnd in range(max((len(c) for c in per_prompt), default=0)):
-        for c in per_prompt:
+        this_round = [c[rnd] for c in per_prompt if rnd < len(c)]
+        if cfg.selection != "random":
+            # each round by the prefix's own confidence: when the budget ends mid-round
+            # the least confident of the round win, not those of the least confident prompts
+            this_round.sort(key=lambda s: s.confidence)
+        for sel in this_round:
             if len(out) >= budget:
                 return out
-            if rnd < len(c):
-                out.append(c[rnd])
+            out.append(sel)
     return out
 
 
@@ -166,28 +172,26 @@ def make_prefix(traj: Trajectory, fork: int) -> Trajectory:
     """A copy of ``traj`` cut to ``token_ids[:fork]``, ready for ``continue_from``.
 
     Keeps the calls completed before the fork and the images present before it (the
-    originals plus their crops); ``meta["turns"]`` = completed assistant turns (every
-    turn but the last is a call turn, so = completed calls). ``response_text`` = the
-    text before the fork, recovered from the turn texts ("" if that fails, flagged by
-    ``meta["axpo_prefix_text_ok"]``); ``meta["axpo_partial_text"]`` is the fork turn's
-    own text so far (the agent loop needs it to parse the first continued call)."""
+    originals plus their crops); ``turns`` = completed assistant turns (every turn but
+    the last is a call turn, so = completed calls). ``response_text`` = the text before
+    the fork, recovered from the turn texts ("" if that fails, flagged by
+    ``meta["axpo_prefix_text_ok"]``); ``partial_text`` is the fork turn's own text so
+    far (the agent loop needs it to parse the first continued call)."""
     done = [c for c in traj.tool_calls if c.span is not None and c.span[1] <= fork]
     crops = {c.image_index for c in traj.tool_calls if c.image_index is not None}
     kept = {c.image_index for c in done if c.image_index is not None}
     images = [im for i, im in enumerate(traj.images) if i not in crops or i in kept]
     text = _prefix_text(traj, len(done))
     fork_call = next((c for c in traj.tool_calls if c.span and c.span[0] < fork <= c.span[1]), None)
-    meta = dict(traj.meta, turns=len(done), axpo_fork=fork,
-                axpo_source=(traj.prompt_id, traj.sample_idx),
+    meta = dict(traj.meta, axpo_fork=fork, axpo_source=(traj.prompt_id, traj.sample_idx),
                 axpo_prefix_text_ok=text is not None,
-                axpo_partial_text=text[1] if text else "",
                 axpo_fork_turn_start=fork_call.span[0] if fork_call else fork)
     return replace(
         traj, token_ids=traj.token_ids[:fork], loss_mask=traj.loss_mask[:fork],
         logprobs=traj.logprobs[:fork], images=images,
         response_text="".join(text) if text else "",
         tool_calls=[replace(c) for c in done], finish_reason="prefix", reward=None,
-        reward_info={}, meta=meta,
+        reward_info={}, meta=meta, turns=len(done), partial_text=text[1] if text else "",
         advantages=None if traj.advantages is None else traj.advantages[:fork])
 
 
@@ -215,8 +219,8 @@ def axpo_advantages(ordinary: list[Trajectory],
     """Set ``advantages`` on continuations and on the sources' prefix tokens (in place).
 
     Ordinary rollouts must already hold their GRPO advantages. A selection with no
-    continuations (none generated) gets no prefix credit. Returns ``loss_weight`` (also
-    written to every trajectory's ``meta["loss_weight"]``), ``prefix_advantage`` and
+    continuations (none generated) gets no prefix credit. Returns ``loss_weight`` (see
+    the module docstring), ``prefix_advantage`` and
     ``recovery`` per source key."""
     cfg = cfg or AXPOConfig()
     if any(t.advantages is None for t in ordinary):
@@ -262,8 +266,6 @@ def axpo_advantages(ordinary: list[Trajectory],
             weight = (n_ord + sum(c.num_generated for c in conts_all)) / max(n_ord, 1)
         else:
             weight = (len(ordinary) + len(conts_all)) / max(len(ordinary), 1)
-    for t in ordinary + conts_all:
-        t.meta["loss_weight"] = weight
     return {"loss_weight": weight, "prefix_advantage": prefix_adv, "recovery": recovery}
 
 
@@ -285,3 +287,27 @@ def axpo_metrics(trajs: list[Trajectory], selections: list[Selection],
         "axpo/tool_use_share": sum(t.used_tool for t in trajs) / len(trajs) if trajs else 0.0,
         "axpo/triggered_share": trig / n_prompts if n_prompts else 0.0,
     }
+
+
+@register
+class AXPO(GRPO):
+    """GRPO plus extra rollouts: for prompts whose tool-using rollouts are all wrong,
+    the least confident thinking prefixes are continued ``k`` times from the opening
+    <tool_call>, and credit flows back to the prefixes."""
+    name = "axpo"
+    config = AXPOConfig
+
+    def extra_rollouts(self, trajs: list[Trajectory], ctx: StepContext):
+        import time
+
+        t0 = time.perf_counter()
+        cfg = self.cfg.axpo
+        sel = select_prefixes(trajs, cfg, ctx.tool_call_open_id, ctx.prompts_per_step,
+                              ctx.group_size, rng=random.Random(ctx.seed * 7 + ctx.step))
+        conts = (ctx.continue_from([make_prefix(s.traj, s.fork) for s in sel], cfg.k,
+                                   ctx.step * 31) if sel else [])
+        grouped = group_continuations(sel, conts)
+        axpo_advantages(trajs, grouped, sel, self.cfg.grpo, cfg)
+        metrics = axpo_metrics(trajs, sel, grouped)
+        metrics["time/axpo"] = time.perf_counter() - t0
+        return trajs + conts, metrics

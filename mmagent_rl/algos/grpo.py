@@ -1,6 +1,6 @@
 """GRPO math: group advantages, clipped policy loss, KL to reference, aggregation.
 
-Pure torch; spec in ALGORITHMS.md, section "GRPO". Every other algorithm in the
+Pure torch; formulas in docs/algorithms.md, "GRPO". Every other algorithm in the
 project is GRPO plus one change, so these functions are the shared building blocks.
 """
 from __future__ import annotations
@@ -10,6 +10,9 @@ from typing import Hashable, Sequence
 
 import torch
 from torch import Tensor
+
+from mmagent_rl.algos.registry import Algorithm, LossInputs, register
+from mmagent_rl.trajectory import Trajectory
 
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 KL_ESTIMATORS = ("k1", "k2", "k3", "low_var_kl")
@@ -46,6 +49,8 @@ class GRPOConfig:
 
 
 def _group_index(group_ids: Sequence[Hashable]) -> list[list[int]]:
+    if isinstance(group_ids, Tensor):  # its elements would be distinct 0-d tensors
+        group_ids = group_ids.tolist()
     groups: dict[Hashable, list[int]] = {}
     for i, g in enumerate(group_ids):
         groups.setdefault(g, []).append(i)
@@ -232,3 +237,35 @@ def grpo_loss(
         kl_mean = _masked_mean(kl_t.detach(), m)
     stats.update(pg_loss=float(pg.detach()), kl=kl_mean, loss=float(loss.detach()))
     return loss, stats
+
+
+def broadcast_advantages(trajs: list[Trajectory], adv: Tensor) -> None:
+    """Rollout i's scalar advantage on every token it generated (0 elsewhere)."""
+    for t, a in zip(trajs, adv.tolist()):
+        t.advantages = [a if m else 0.0 for m in t.loss_mask]
+
+
+def grpo_advantages(trajs: list[Trajectory], cfg: GRPOConfig) -> Tensor:
+    rewards = torch.tensor([t.reward or 0.0 for t in trajs], dtype=torch.float64)
+    adv = group_advantages(rewards, [t.prompt_id for t in trajs],
+                           norm_by_std=cfg.norm_by_std, eps=cfg.eps).float()
+    broadcast_advantages(trajs, adv)
+    return adv
+
+
+@register
+class GRPO(Algorithm):
+    """The baseline; the others subclass it and change one hook."""
+    name = "grpo"
+    config = GRPOConfig  # algo.grpo: shared by every algorithm
+
+    def advantages(self, trajs):
+        return grpo_advantages(trajs, self.cfg.grpo), {}
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.cfg.grpo.kl_beta > 0  # beta 0: no reference model is loaded at all
+
+    def loss(self, x: LossInputs):
+        return grpo_loss(x.lp, x.lp_old, x.adv, x.mask, lp_ref=x.lp_ref, cfg=self.cfg.grpo,
+                         num_tokens=x.num_tokens, num_seqs=x.num_seqs)

@@ -1,4 +1,4 @@
-"""MAPO: GRPO plus a semantic-alignment term per tool call (spec: ALGORITHMS.md, "MAPO").
+"""MAPO: GRPO plus a semantic-alignment term per tool call (docs/algorithms.md, "MAPO").
 
 ``scores[i][k]`` scores tool call k of rollout i: the CLIP cosine in [-1, 1] between its
 description and its crop, or None (description missing / too long, call or scoring
@@ -18,7 +18,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from mmagent_rl.algos.grpo import GRPOConfig, _group_index, group_advantages
+from mmagent_rl.algos.grpo import GRPO, GRPOConfig, _group_index, group_advantages
+from mmagent_rl.algos.registry import register
 from mmagent_rl.trajectory import Trajectory
 
 DESCRIPTION_MODES = ("label", "post")
@@ -26,6 +27,11 @@ COUPLINGS = ("turn", "trajectory")
 _DESCRIPTION_RE = re.compile(r"<description>(.*?)</description>", re.DOTALL)
 
 Scores = Sequence[Sequence["float | None"]]
+
+# "post" mode: the description the CLIP verifier scores is written right after each
+# crop, so the prompt asks for it. ("label" needs nothing: the tool schema has the label.)
+POST_INSTRUCTION = (" After each zoomed image, first describe what it shows in at most "
+                    "16 words as <description>...</description>.")
 
 
 @dataclass
@@ -226,3 +232,42 @@ def alignment_metrics(scores: Scores, statuses: Sequence[Sequence[str]],
         "mapo/missing_description_rate": n_bad / n_calls if n_calls else 0.0,
         "mapo/alignment_reward_corr": _pearson(xs, ys),
     }
+
+
+@register
+class MAPO(GRPO):
+    """GRPO whose advantage couples the task reward with the reward actor's CLIP
+    alignment score of each tool call (``t.align_scores`` / ``t.align_statuses``)."""
+    name = "mapo"
+    config = MAPOConfig
+
+    def alignment(self) -> MAPOConfig:
+        return self.cfg.mapo
+
+    def system_prompt(self, configured, default):
+        if configured is None and self.cfg.mapo.description == "post":
+            return default + POST_INSTRUCTION
+        return configured
+
+    def advantages(self, trajs):
+        from dataclasses import replace
+
+        m = self.cfg.mapo
+        statuses = [list(t.align_statuses or []) for t in trajs]
+        stored = [list(t.align_scores or []) for t in trajs]
+        # The scorer returns (cos + 1) / 2 already; rescale=false asks for raw cosines.
+        scores = stored if m.rescale else [
+            [2 * s - 1 if st == "ok" else None for s, st in zip(sc, sts)]
+            for sc, sts in zip(stored, statuses)]
+        adv = compute_mapo_advantages(trajs, scores, replace(m, rescale=False),
+                                      self.cfg.grpo, statuses)
+        rescaled = [[s if st == "ok" else 0.0 for s, st in zip(sc, sts)]
+                    for sc, sts in zip(stored, statuses)]
+        return adv, alignment_metrics(rescaled, statuses, [t.reward or 0.0 for t in trajs])
+
+    def after_learn(self, metrics, step):
+        # the reward actor's additive figures for the step (every score call summed)
+        if metrics.get("mapo/align_time_s"):
+            return {"mapo/align_pairs_per_s": metrics.get("mapo/align_pairs", 0.0)
+                    / metrics["mapo/align_time_s"]}
+        return {}

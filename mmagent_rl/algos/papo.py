@@ -1,4 +1,4 @@
-"""PAPO: GRPO plus an implicit perception loss (spec: ALGORITHMS.md, "PAPO").
+"""PAPO: GRPO plus an implicit perception loss (docs/algorithms.md, "PAPO").
 
 Loss, all terms aggregated with the GRPO ``agg`` (so it is additive over micro-batches):
   L = L_grpo(pg + beta_ref*KL_ref) - gamma_at(step)*agg(KL_prcp)
@@ -20,7 +20,9 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from mmagent_rl.algos.grpo import GRPOConfig, _masked_mean, aggregate, grpo_loss, kl_penalty
+from mmagent_rl.algos.grpo import (GRPO, GRPOConfig, _masked_mean, aggregate, grpo_loss,
+                                   kl_penalty)
+from mmagent_rl.algos.registry import LossInputs, register
 
 
 @dataclass
@@ -221,3 +223,55 @@ class HackingAlarm:
             fired = cur[0] > self.kl_jump * kl_m and cur[1] > eo_m and cur[2] > ea_m
         self._hist.append(cur)
         return fired
+
+
+def papo_seed(step: int, t) -> int:
+    """Mask seed of one trajectory at one step: fixed across ranks and re-runs."""
+    import zlib
+
+    return zlib.crc32(f"{step}/{t.prompt_id}/{t.sample_idx}".encode())
+
+
+@register
+class PAPO(GRPO):
+    """GRPO plus the perception and double-entropy terms: the loss needs the policy's
+    log-probs on patch-masked images (an extra forward), and the driver watches for
+    KL hacking."""
+    name = "papo"
+    config = PAPOConfig
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        p = cfg.papo
+        self.alarm = HackingAlarm(p.alarm_window, p.alarm_kl_jump)
+
+    def loss(self, x: LossInputs):
+        p = self.cfg.papo
+        # The same tokens given patch-masked images (same sizes, so the same ids).
+        masked = [masked_images_for(t.images, int(t.meta.get("n_prompt_images", 1)), p,
+                                    seed=papo_seed(x.step, t)) for t in x.trajs]
+        lp_mask = x.logprobs_with_images(masked, False)  # the old policy: before step()
+        lp_mask_theta = (x.logprobs_with_images(masked, True)
+                         if p.double_entropy_grad and p.eta_aug > 0 else None)
+        return papo_loss(x.lp, x.lp_old, x.adv, x.mask, lp_mask=lp_mask,
+                         lp_mask_theta=lp_mask_theta, lp_ref=x.lp_ref, grpo_cfg=self.cfg.grpo,
+                         cfg=p, step=x.step, num_tokens=x.num_tokens, num_seqs=x.num_seqs)
+
+    def after_learn(self, metrics, step):
+        fired = self.alarm.update(metrics.get("papo/kl_prcp", 0.0),
+                                  metrics.get("papo/entropy_ori", 0.0),
+                                  metrics.get("papo/entropy_aug", 0.0))
+        if fired:
+            import logging
+
+            logging.getLogger(__name__).warning(
+                "PAPO: perception KL jumped while both entropies rose (KL hacking?) at "
+                "step %d", step)
+        return {"papo/hacking_alarm": float(fired)}
+
+    def state_dict(self):
+        return {"alarm": list(self.alarm._hist)}
+
+    def load_state_dict(self, state):
+        self.alarm._hist.clear()
+        self.alarm._hist.extend(tuple(h) for h in state.get("alarm", []))

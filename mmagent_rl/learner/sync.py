@@ -19,8 +19,9 @@ that many MB (whole tensors, in checkpoint order). Neither side clones the whole
 the learner puts its live weights into the store bucket by bucket, the engine reads zero-copy
 views and streams them through a single in-place reload (every bucket is validated
 first). Bucketing lowers the peak extra memory of both processes (bench/weight_sync.py
-measures it); the store still holds one full copy. :func:`export_buckets` and
-:func:`load_buckets` run inside the learner and rollout actors (``actor.__ray_call__``).
+measures it); the store still holds one full copy. The actors' public methods
+``Learner.export_weight_refs`` and ``RolloutWorker.load_weight_refs`` call
+:func:`export_buckets` and :func:`load_buckets`.
 """
 from __future__ import annotations
 
@@ -108,27 +109,24 @@ def make_buckets(named, bucket_mb: float) -> list[list]:
     return buckets
 
 
-def export_buckets(learner, bucket_mb: float) -> list:
-    """Runs inside a learner actor: its weights as object-store refs, one per bucket.
+def export_buckets(model, bucket_mb: float, *, gather_zero3: bool, rank: int) -> list:
+    """In a learner process: ``model``'s weights as object-store refs, one per bucket.
     Under ZeRO-3 every rank must call it (the gather is a collective); only rank 0's
     list is non-empty."""
     import ray
 
-    named = export_hf_state(learner.engine.module, gather_zero3=learner.zero_stage == 3,
-                            clone=False)
-    if learner.rank != 0:
+    named = export_hf_state(model, gather_zero3=gather_zero3, clone=False)
+    if rank != 0:
         return []
     # Each put copies the bucket into the store at once, so no full clone is needed.
     return [ray.put(to_wire(b)) for b in make_buckets(named, bucket_mb)]
 
 
-def load_buckets(worker, refs: list, version: int) -> int:
-    """Runs inside a rollout actor: load the buckets into its engine in place."""
+def load_buckets(engine, refs: list) -> None:
+    """In a rollout process: load the buckets into ``engine`` (a VLLMEngine) in place."""
     import ray
 
     # One get for all buckets (one round trip to their owner, not one per bucket); the
     # arrays are zero-copy views of the shared store, turned into tensors bucket by bucket.
     arrays = ray.get(list(refs))
-    worker.engine.load_weights_bucketed(lambda i: from_wire(arrays[i]), len(refs))
-    worker.weights_version = version
-    return version
+    engine.load_weights_bucketed(lambda i: from_wire(arrays[i]), len(refs))

@@ -13,8 +13,9 @@ from dataclasses import asdict
 
 import torch
 
-from mmagent_rl.algos.grpo import GRPOConfig, aggregate, grpo_loss
-from mmagent_rl.algos.papo import PAPOConfig, masked_images_for, papo_loss
+from mmagent_rl import algos
+from mmagent_rl.config import LearnerConfig, ModelConfig
+from mmagent_rl.algos.grpo import aggregate
 from mmagent_rl.learner.batch import collate
 from mmagent_rl.learner.policy import enable_gradient_checkpointing, load_policy, token_logprobs
 from mmagent_rl.learner.sync import export_hf_state
@@ -38,13 +39,6 @@ def _init_distributed(rank: int, world_size: int, master_addr: str, master_port:
         sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
     os.environ.setdefault("LOCAL_RANK", "0")
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
-
-
-def papo_seed(step: int, t: Trajectory) -> int:
-    """Mask seed of one trajectory at one step: fixed across ranks and re-runs."""
-    import zlib
-
-    return zlib.crc32(f"{step}/{t.prompt_id}/{t.sample_idx}".encode())
 
 
 class GradProbe:
@@ -97,58 +91,59 @@ def lr_lambda_scheduler(optimizer, schedule: str, warmup: int, total: int, min_r
 
 
 class Learner:
-    def __init__(self, model_path: str, *, rank: int = 0, world_size: int = 1,
+    """``cfg``: the learner section, ``algo``: the algo section (default: GRPO),
+    ``model``: the model section; the rest is this rank's place in the group and what
+    the run decides (sampling temperature, seed, schedule length, an LR override)."""
+
+    def __init__(self, model_path: str, cfg: LearnerConfig | None = None, algo=None,
+                 model: ModelConfig | None = None, *, rank: int = 0, world_size: int = 1,
                  master_addr: str = "127.0.0.1", master_port: int = 29500,
-                 zero_stage: int = 2, lr: float = 1e-5, weight_decay: float = 0.0,
-                 betas=(0.9, 0.999), grad_clip: float = 1.0, micro_batch_size: int = 4,
-                 algo: GRPOConfig = GRPOConfig(), algo_name: str = "grpo",
-                 papo: PAPOConfig | None = None, temperature: float = 1.0,
-                 torch_threads: int = 1, seed: int = 0, system_prompt: str | None = None,
-                 dtype: str = "float32", lr_schedule: str = "constant",
-                 warmup_steps: int = 0, total_steps: int = 0, min_lr_ratio: float = 0.1,
-                 attn_implementation: str = "sdpa", gradient_checkpointing: bool = False,
-                 min_pixels: int | None = None, max_pixels: int | None = None):
+                 temperature: float = 1.0, seed: int = 0, total_steps: int = 0,
+                 lr: float | None = None):
         import deepspeed
 
         from mmagent_rl.rollout.agent_loop import load_chat
         from mmagent_rl.rollout.engine import pixel_kwargs
 
-        torch.set_num_threads(torch_threads)
+        cfg, model_cfg = cfg or LearnerConfig(), model or ModelConfig()
+        zero_stage, micro_batch_size = cfg.zero_stage, cfg.micro_batch_size
+        lr = cfg.lr if lr is None else lr
+        torch.set_num_threads(cfg.torch_threads)
         torch.manual_seed(seed)
         self.rank, self.world_size = rank, world_size
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         _init_distributed(rank, world_size, master_addr, master_port, backend)
         # The same image resizing as the engine's (model.min_pixels / max_pixels).
-        self.processor_kwargs = pixel_kwargs(min_pixels, max_pixels)
-        self.chat = load_chat(model_path, system_prompt, self.processor_kwargs)
-        self.algo, self.algo_name, self.papo = algo, algo_name, papo
-        if algo_name == "papo" and papo is None:
-            raise ValueError("algo_name='papo' needs a PAPOConfig")
+        self.processor_kwargs = pixel_kwargs(model_cfg.min_pixels, model_cfg.max_pixels)
+        self.chat = load_chat(model_path, model_cfg.system_prompt, self.processor_kwargs)
+        # algo: the algo config section (AlgoConfig); None = the baseline with its defaults
+        self.algo = algo if algo is not None else algos.baseline_config()
+        self.algorithm = algos.build(self.algo)
         self.temperature = temperature
         self.micro_batch_size = micro_batch_size
         self.zero_stage = zero_stage
-        model = load_policy(model_path, dtype, attn_implementation)
-        if gradient_checkpointing:
+        model = load_policy(model_path, model_cfg.dtype, model_cfg.attn_implementation)
+        if model_cfg.gradient_checkpointing:
             enable_gradient_checkpointing(model)
         model.train()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=tuple(betas),
-                                      weight_decay=weight_decay)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=tuple(cfg.betas),
+                                      weight_decay=cfg.weight_decay)
         ds_config = {
             "train_micro_batch_size_per_gpu": micro_batch_size,
             "gradient_accumulation_steps": 1,  # we mark the boundary ourselves
-            "gradient_clipping": grad_clip,
+            "gradient_clipping": cfg.grad_clip,
             "zero_optimization": {"stage": zero_stage},
             "zero_allow_untested_optimizer": True,  # torch AdamW: no 90-s CPUAdam build
             "steps_per_print": 10**9,
         }
         self.engine, *_ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=ds_config,
-            lr_scheduler=lr_lambda_scheduler(optimizer, lr_schedule, warmup_steps,
-                                             total_steps, min_lr_ratio))
+            lr_scheduler=lr_lambda_scheduler(optimizer, cfg.lr_schedule, cfg.warmup_steps,
+                                             total_steps, cfg.min_lr_ratio))
         self.ref = None
-        if algo.kl_beta > 0:  # beta 0 = no reference model is loaded at all
-            self.ref = load_policy(model_path, dtype, attn_implementation).eval() \
-                .requires_grad_(False)
+        if self.algorithm.needs_reference:
+            self.ref = load_policy(model_path, model_cfg.dtype,
+                                   model_cfg.attn_implementation).eval().requires_grad_(False)
         self.step_count = 0
         self.samples_trained = 0  # real trajectories (not the zero-mask padding copies)
         self.probe = GradProbe(self.engine.module, seed) if zero_stage < 3 else None
@@ -202,7 +197,7 @@ class Learner:
             sums["tokens"] = sums.get("tokens", 0.0) + w
         skipped = self._step_if_finite(nonfinite_loss)
         self.step_count += 1
-        self.samples_trained += sum(not t.meta.get("padding") for t in trajs)
+        self.samples_trained += sum(not t.padding for t in trajs)
         gn = eng.get_global_grad_norm()
         sums["grad_norm"] = float(gn) if gn is not None else float("nan")
         sums["train/skipped_nonfinite"] = float(skipped)
@@ -271,24 +266,21 @@ class Learner:
         if self.ref is not None:
             with torch.no_grad():
                 lp_ref = self._logprobs(self.ref, batch)
-        if self.algo_name != "papo":
-            return grpo_loss(lp, batch.old_logprobs, batch.advantages, batch.loss_mask,
-                             lp_ref=lp_ref, cfg=self.algo, num_tokens=num_tokens,
-                             num_seqs=num_seqs)
-        # PAPO: the same tokens given patch-masked images (same sizes, so the same ids).
-        masked = [masked_images_for(t.images, int(t.meta.get("n_prompt_images", 1)),
-                                    self.papo, seed=papo_seed(self.step_count, t))
-                  for t in mb]
-        mbatch = collate(mb, self.chat.image_processor, self.chat.image_token_id,
-                         self.chat.pad_id, images_override=masked)
-        with torch.no_grad():  # the old policy: weights are not updated before step()
-            lp_mask = self._logprobs(self.engine.module, mbatch)
-        lp_mask_theta = self._logprobs(self.engine.module, mbatch) \
-            if self.papo.double_entropy_grad and self.papo.eta_aug > 0 else None
-        return papo_loss(lp, batch.old_logprobs, batch.advantages, batch.loss_mask,
-                         lp_mask=lp_mask, lp_mask_theta=lp_mask_theta, lp_ref=lp_ref,
-                         grpo_cfg=self.algo, cfg=self.papo, step=self.step_count,
-                         num_tokens=num_tokens, num_seqs=num_seqs)
+        cache: dict = {}
+
+        def logprobs_with_images(images: list[list], grad: bool):
+            # the same tokens given other images; collated once per image set
+            if cache.get("images") is not images:
+                cache["images"], cache["batch"] = images, collate(
+                    mb, self.chat.image_processor, self.chat.image_token_id,
+                    self.chat.pad_id, images_override=images)
+            with torch.set_grad_enabled(grad):
+                return self._logprobs(self.engine.module, cache["batch"])
+
+        return self.algorithm.loss(algos.LossInputs(
+            lp=lp, lp_old=batch.old_logprobs, adv=batch.advantages, mask=batch.loss_mask,
+            lp_ref=lp_ref, num_tokens=num_tokens, num_seqs=num_seqs, step=self.step_count,
+            trajs=mb, logprobs_with_images=logprobs_with_images))
 
     # ---- weights ---------------------------------------------------------------------
     def export_weights(self) -> list[tuple[str, torch.Tensor]]:
@@ -296,6 +288,15 @@ class Learner:
         this (the gather is a collective) and the others return an empty list."""
         named = export_hf_state(self.engine.module, gather_zero3=self.zero_stage == 3)
         return named if self.rank == 0 else []
+
+    def export_weight_refs(self, bucket_mb: float = 0.0) -> list:
+        """The weights as object-store refs, one per bucket (learner/sync.py), what
+        ``RolloutWorker.load_weight_refs`` takes. Under ZeRO-3 every rank must call it
+        (the gather is a collective); only rank 0's list is non-empty."""
+        from mmagent_rl.learner.sync import export_buckets
+
+        return export_buckets(self.engine.module, bucket_mb,
+                              gather_zero3=self.zero_stage == 3, rank=self.rank)
 
     def weights_checksum(self) -> float:
         return float(sum(p.detach().double().abs().sum() for p in self.engine.module.parameters()))

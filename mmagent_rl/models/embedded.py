@@ -45,7 +45,7 @@ def weights_sha256(folder: Path) -> str:
 
 def export(src: Path, out: Path = EMBEDDED_DIR) -> str:
     """Copy a trained model folder, weights cast to float16 (half the bytes; the
-    agent's eval figures in the README are measured on the float16 copy)."""
+    agent's eval figures in docs/embedded_agent.md are measured on the float16 copy)."""
     import torch
     from safetensors.torch import load_file, save_file
 

@@ -131,8 +131,8 @@ class AgentLoop:
                 states.append(_State(
                     ex, j, list(p.token_ids), [0] * len(p.token_ids), [0.0] * len(p.token_ids),
                     list(p.images), len(p.token_ids), texts=[p.response_text],
-                    turn=int(p.meta.get("turns", 0)), prompt_id=f"{p.prompt_id}/cont{p.sample_idx}",
-                    partial=str(p.meta.get("axpo_partial_text", "")),
+                    turn=p.turns, prompt_id=f"{p.prompt_id}/cont{p.sample_idx}",
+                    partial=p.partial_text,
                 ))
         return self._loop(states, seed)
 
@@ -241,8 +241,7 @@ class AgentLoop:
             loss_mask=s.mask, logprobs=s.logprobs, images=s.images,
             prompt_len=s.prompt_len, ground_truth=ex.answer,
             response_text="".join(s.texts), tool_calls=s.calls, finish_reason=s.finish,
-            meta={"example_id": ex.id, "target_box": ex.target_box, "turns": s.turn,
-                  "turn_texts": list(s.texts),
-                  "image_size": ex.image.size, **{k: v for k, v in ex.meta.items()
-                                                 if isinstance(v, (int, float, str, bool))}},
+            example_id=ex.id, target_box=ex.target_box, image_size=ex.image.size,
+            turns=s.turn, turn_texts=list(s.texts),
+            meta={k: v for k, v in ex.meta.items() if isinstance(v, (int, float, str, bool))},
         )

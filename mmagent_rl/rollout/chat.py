@@ -26,12 +26,6 @@ DEFAULT_SYSTEM_PROMPT = (
     "Answer as <answer>...</answer>."
 )
 
-# MAPO "post" mode: the description the CLIP verifier scores is written right after
-# each crop. ("label" mode needs nothing more: the tool schema above has the label.)
-MAPO_POST_SYSTEM_PROMPT = DEFAULT_SYSTEM_PROMPT + (
-    " After each zoomed image, first describe what it shows in at most 16 words as "
-    "<description>...</description>.")
-
 
 @dataclass
 class ChatFormat:

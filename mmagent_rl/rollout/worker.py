@@ -23,7 +23,7 @@ class RolloutWorker:
     def generate(self, examples: list[Example], n: int, seed: int) -> list[Trajectory]:
         trajs = self.loop.run(examples, n, seed)
         for t in trajs:
-            t.meta["weights_version"] = self.weights_version
+            t.weights_version = self.weights_version
         return trajs
 
     def evaluate(self, examples_ref: list, n: int, seed: int, temperature: float,
@@ -39,9 +39,12 @@ class RolloutWorker:
         from mmagent_rl.eval import eval_agent_config, run_eval
         from mmagent_rl.reward.worker import RewardScorer
 
+        from mmagent_rl.data.example import examples_from_wire
+
         key = examples_ref[0].hex()
         if getattr(self, "_eval_key", None) != key:
-            self._eval_key, self._eval_set = key, ray.get(examples_ref[0])
+            self._eval_key = key
+            self._eval_set = examples_from_wire(ray.get(examples_ref[0]))
 
         loop = AgentLoop(self.engine, self.chat, eval_agent_config(
             self.loop.cfg, temperature, blank_tool_images))
@@ -52,7 +55,7 @@ class RolloutWorker:
         self.engine.reset_caches()
         for t in trajs:
             t.images = []
-            t.meta["weights_version"] = self.weights_version
+            t.weights_version = self.weights_version
         return trajs
 
     def continue_from(self, prefixes: list[Trajectory], examples: list[Example], k: int,
@@ -61,6 +64,15 @@ class RolloutWorker:
 
     def load_weights(self, named: list, version: int) -> int:
         self.engine.load_weights(named)
+        self.weights_version = version
+        return version
+
+    def load_weight_refs(self, refs: list, version: int) -> int:
+        """Load ``Learner.export_weight_refs``'s buckets in place (learner/sync.py);
+        nothing loads unless every bucket is valid and the push is complete."""
+        from mmagent_rl.learner.sync import load_buckets
+
+        load_buckets(self.engine, refs)
         self.weights_version = version
         return version
 
