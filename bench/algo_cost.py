@@ -54,7 +54,7 @@ def mapo_part(a, grpo_step_s: float) -> dict:
     from mmagent_rl.models.tiny import ensure_tiny_model
     from mmagent_rl.reward.worker import RewardScorer
     from mmagent_rl.rollout.agent_loop import AgentConfig, AgentLoop
-    from mmagent_rl.rollout.chat import ChatFormat
+    from mmagent_rl.chat import ChatFormat
     from mmagent_rl.rollout.engine import EngineConfig, VLLMEngine
 
     torch.set_num_threads(1)

@@ -93,7 +93,7 @@ def main() -> None:
     torch.set_num_threads(1)
     from mmagent_rl.learner.batch import collate
     from mmagent_rl.learner.policy import load_policy, token_logprobs
-    from mmagent_rl.rollout.chat import BANNED_LOGIT_BIAS, ChatFormat, collapse_image_runs
+    from mmagent_rl.chat import BANNED_LOGIT_BIAS, ChatFormat, collapse_image_runs
     from mmagent_rl.rollout.engine import EngineConfig, VLLMEngine
 
     path = trainer.model_path

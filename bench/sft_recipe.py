@@ -53,7 +53,7 @@ from mmagent_rl.data.synthetic import (  # noqa: E402
 from mmagent_rl.models import tiny  # noqa: E402
 from mmagent_rl.models.tiny import TinySpec, ensure_tiny_model  # noqa: E402
 from mmagent_rl.reward.task import answers_match, extract_answer, format_ok  # noqa: E402
-from mmagent_rl.rollout.chat import ChatFormat  # noqa: E402
+from mmagent_rl.chat import ChatFormat  # noqa: E402
 from mmagent_rl.tools.parse import find_tool_call, parse_tool_call  # noqa: E402
 from mmagent_rl.tools.zoom import is_valid_box, run_tool, zoom  # noqa: E402
 

@@ -89,7 +89,7 @@ def run_trl(path: str, a) -> dict:
     from transformers import AutoModelForImageTextToText, AutoProcessor, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from mmagent_rl.rollout.chat import DEFAULT_SYSTEM_PROMPT
+    from mmagent_rl.chat import DEFAULT_SYSTEM_PROMPT
 
     # One thread, like our learner: on this shared 2-core machine two OpenMP threads
     # stall each other whenever another process takes a core (a step took 10x longer).

@@ -215,7 +215,7 @@ def system_prompt(cfg: Config) -> Optional[str]:
     a prompt that asks for a <description> after each crop)."""
     if not cfg.algo.name:
         return cfg.model.system_prompt
-    from mmagent_rl.rollout.chat import DEFAULT_SYSTEM_PROMPT
+    from mmagent_rl.chat import DEFAULT_SYSTEM_PROMPT
 
     return algos.build(cfg.algo).system_prompt(cfg.model.system_prompt,
                                                DEFAULT_SYSTEM_PROMPT)
@@ -239,7 +239,7 @@ def validate_common(cfg: Config) -> None:
     choice("data.kind", cfg.data.kind, ("synthetic", "file"))
     choice("learner.zero_stage", cfg.learner.zero_stage, (0, 1, 2, 3))
     choice("learner.lr_schedule", cfg.learner.lr_schedule, ("constant", "cosine"))
-    from mmagent_rl.learner.sync import check_backend
+    from mmagent_rl.wire import check_backend
 
     check_backend(cfg.sync.backend)
     for key, v in (("rollout.n", cfg.rollout.n), ("rollout.num_workers", cfg.rollout.num_workers),

@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import time
 from statistics import mean, stdev
 
 from mmagent_rl.tools.zoom import is_valid_box
@@ -96,7 +97,7 @@ def evaluate(model_path: str, examples, *, n_samples: int, k: int, temperature: 
              blank_tool_images: bool = False) -> tuple[dict, list[Trajectory]]:
     from mmagent_rl.reward.worker import RewardScorer
     from mmagent_rl.rollout.agent_loop import AgentLoop
-    from mmagent_rl.rollout.chat import ChatFormat
+    from mmagent_rl.chat import ChatFormat
     from mmagent_rl.rollout.engine import VLLMEngine
 
     engine = VLLMEngine(model_path, engine_cfg)
@@ -105,6 +106,47 @@ def evaluate(model_path: str, examples, *, n_samples: int, k: int, temperature: 
     trajs = run_eval(loop, examples, n_samples=n_samples, seed=seed,
                      scorer=RewardScorer(reward_fn, match_mode))
     return summarize(trajs, k), trajs
+
+
+class HeldOutEval:
+    """The held-out eval inside training (a mixin of ``Trainer``: it uses the run's
+    config, rollout workers and ``eval_examples``): before the first step, every
+    ``trainer.eval_every`` steps and after the last, through :func:`run_eval` on the
+    rollout workers, summarised on the driver."""
+    last_eval: dict | None = None  # the latest held-out eval's summary (eval.json)
+    _eval_refs: list | None = None  # (worker index, ObjectRef of its eval share)
+
+    def _eval_due(self) -> bool:
+        every = self.cfg.trainer.eval_every
+        return bool(every) and (self.step % every == 0
+                                or self.step == self.cfg.trainer.total_steps)
+
+    def evaluate_heldout(self) -> dict:
+        """The held-out figures with the current weights: the eval examples split over
+        the rollout workers, each running mmagent_rl/eval.py's run_eval, summarised
+        here. Returns ``eval/*`` metrics; the full summary is kept for eval.json."""
+        import ray
+
+        c, E = self.cfg, self.cfg.eval
+        t0 = time.perf_counter()
+        if self._eval_refs is None:  # each worker's non-empty share, put in Ray once
+            from mmagent_rl.example import examples_to_wire
+
+            R = len(self.rollouts)
+            self._eval_refs = [(i, ray.put(examples_to_wire(share))) for i in range(R)
+                               if (share := self.eval_examples[i::R])]
+            self.eval_examples = []  # the object store holds them now
+        parts = self._on_rollouts([
+            (i, lambda w, ref=ref: w.evaluate.remote(
+                [ref], E.n_samples, E.seed, E.temperature, c.reward.fn, c.reward.match_mode,
+                E.blank_tool_images))
+            for i, ref in self._eval_refs])
+        result = summarize([t for p in parts for t in p], E.k)
+        result["step"] = self.step
+        result["time_s"] = time.perf_counter() - t0
+        self.last_eval = result
+        return {f"eval/{k}": float(v) for k, v in result.items()
+                if isinstance(v, (int, float)) and k != "step"}
 
 
 def print_table(result: dict) -> None:

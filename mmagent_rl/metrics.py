@@ -260,3 +260,17 @@ class RunLogger:
 
     def __bool__(self) -> bool:
         return bool(self._sinks())
+
+
+def format_eval(m: dict) -> str:
+    keys = ("eval/pass@1", "eval/pass@1_se", "eval/pass@k", "eval/tool_call_rate",
+            "eval/box_hit_rate", "eval/format_rate", "eval/time_s")
+    return " ".join(f"{k}={m[k]:.4g}" for k in keys if k in m)
+
+
+def format_step(m: dict) -> str:
+    keys = ("loss", "reward/mean", "acc/mean", "tool/use_rate", "tool/all_wrong_rate",
+            "grad_norm", "time/generate", "time/learn", "time/sync", "tokens_per_s")
+    return f"step {m['step']}: " + " ".join(
+        f"{k}={m[k]:.4g}" for k in keys if isinstance(m.get(k), (int, float))) + (
+        " | held-out " + format_eval(m) if "eval/pass@1" in m else "")

@@ -79,7 +79,7 @@ def run_sft(cfg, run_dir: str) -> list[dict]:
     from mmagent_rl.algos.grpo import GRPOConfig
     from mmagent_rl.config import AlgoConfig, validate_common
     from mmagent_rl.metrics import JsonlLogger
-    from mmagent_rl.rollout.chat import ChatFormat
+    from mmagent_rl.chat import ChatFormat
     from mmagent_rl.cluster import shard_for_learners, start_learners, start_ray
     from mmagent_rl.sources import resolve_model_path
 

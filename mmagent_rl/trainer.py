@@ -20,19 +20,18 @@ from mmagent_rl import algos
 from mmagent_rl.checkpoint import Checkpointing
 from mmagent_rl.cluster import shard_for_learners, start_learners, start_ray
 from mmagent_rl.config import Config, check_resources, system_prompt, validate
+from mmagent_rl.eval import HeldOutEval
 from mmagent_rl.faults import ActorGaveUp, LearnerLost, Restarts, learner_get
 from mmagent_rl.guards import NonfiniteGuard, ToolCollapseWatch
 from mmagent_rl.learner.worker import finalize_metrics
-from mmagent_rl.metrics import RunLogger, rollout_metrics
+from mmagent_rl.metrics import RunLogger, format_eval, format_step, rollout_metrics
 from mmagent_rl.sources import data_metrics, make_dataset, resolve_model_path
 from mmagent_rl.trajectory import Trajectory, group_by_prompt
 
 log = logging.getLogger(__name__)
 
 
-class Trainer(Checkpointing):
-    last_eval: dict | None = None  # the latest held-out eval's summary (eval.json)
-    _eval_refs: list | None = None  # (worker index, ObjectRef of its eval share)
+class Trainer(Checkpointing, HeldOutEval):
     _step_examples: dict | None = None  # id -> Example of the step's prompts (AXPO)
     _reward_metrics: dict | None = None  # the reward actor's additive metrics, per step
     _logged_step: int | None = None  # the last step written to metrics.jsonl (this process)
@@ -97,7 +96,7 @@ class Trainer(Checkpointing):
         self.reward = Reward.remote(c.reward.fn, c.reward.match_mode, c.reward.format_weight,
                                     c.reward.clip if alignment else None, alignment)
         self.learners = start_learners(c, self.model_path, total_steps=c.trainer.total_steps)
-        from mmagent_rl.rollout.chat import ChatFormat
+        from mmagent_rl.chat import ChatFormat
 
         self.tool_call_open_id = ChatFormat.from_pretrained(self.model_path).tool_call_open_id
         self._get([a.ping.remote() for a in self.rollouts])
@@ -241,40 +240,6 @@ class Trainer(Checkpointing):
         """Wall time of the run's training so far, across resumes."""
         return self.elapsed_before + time.perf_counter() - self.t_fit
 
-    def _eval_due(self) -> bool:
-        every = self.cfg.trainer.eval_every
-        return bool(every) and (self.step % every == 0
-                                or self.step == self.cfg.trainer.total_steps)
-
-    def evaluate_heldout(self) -> dict:
-        """The held-out figures with the current weights: the eval examples split over
-        the rollout workers, each running mmagent_rl/eval.py's run_eval, summarised
-        here. Returns ``eval/*`` metrics; the full summary is kept for eval.json."""
-        from mmagent_rl.eval import summarize
-
-        import ray
-
-        c, E = self.cfg, self.cfg.eval
-        t0 = time.perf_counter()
-        if self._eval_refs is None:  # each worker's non-empty share, put in Ray once
-            from mmagent_rl.data.example import examples_to_wire
-
-            R = len(self.rollouts)
-            self._eval_refs = [(i, ray.put(examples_to_wire(share))) for i in range(R)
-                               if (share := self.eval_examples[i::R])]
-            self.eval_examples = []  # the object store holds them now
-        parts = self._on_rollouts([
-            (i, lambda w, ref=ref: w.evaluate.remote(
-                [ref], E.n_samples, E.seed, E.temperature, c.reward.fn, c.reward.match_mode,
-                E.blank_tool_images))
-            for i, ref in self._eval_refs])
-        result = summarize([t for p in parts for t in p], E.k)
-        result["step"] = self.step
-        result["time_s"] = time.perf_counter() - t0
-        self.last_eval = result
-        return {f"eval/{k}": float(v) for k, v in result.items()
-                if isinstance(v, (int, float)) and k != "step"}
-
     def sync_weights(self, version: int, only: list[int] | None = None) -> None:
         """Learner rank 0's weights into every rollout engine (or those in ``only``):
         export and load run inside the actors (learner/sync.py, ``sync.bucket_mb``)."""
@@ -316,7 +281,7 @@ class Trainer(Checkpointing):
             row["time/elapsed"] = self.elapsed()
             if self.metrics_log:
                 self.metrics_log.log(row)
-            log.info("held-out eval before training: %s", _format_eval(row))
+            log.info("held-out eval before training: %s", format_eval(row))
         bar = tqdm(total=c.trainer.total_steps, desc="train", disable=not c.trainer.progress,
                    dynamic_ncols=True)
         while self.step < c.trainer.total_steps:
@@ -331,7 +296,7 @@ class Trainer(Checkpointing):
             bar.update(1)
             bar.set_postfix(loss=f"{m['loss']:.4f}", reward=f"{m['reward/mean']:.2f}",
                             tool=f"{m['tool/use_rate']:.2f}")
-            bar.write(_format_step(m))
+            bar.write(format_step(m))
             if self.nonfinite.should_stop:
                 break
         bar.close()
@@ -387,17 +352,3 @@ class Trainer(Checkpointing):
             self.metrics_log.close()
         for a in self.rollouts + self.learners + [self.reward]:
             ray.kill(a)
-
-
-def _format_eval(m: dict) -> str:
-    keys = ("eval/pass@1", "eval/pass@1_se", "eval/pass@k", "eval/tool_call_rate",
-            "eval/box_hit_rate", "eval/format_rate", "eval/time_s")
-    return " ".join(f"{k}={m[k]:.4g}" for k in keys if k in m)
-
-
-def _format_step(m: dict) -> str:
-    keys = ("loss", "reward/mean", "acc/mean", "tool/use_rate", "tool/all_wrong_rate",
-            "grad_norm", "time/generate", "time/learn", "time/sync", "tokens_per_s")
-    return f"step {m['step']}: " + " ".join(
-        f"{k}={m[k]:.4g}" for k in keys if isinstance(m.get(k), (int, float))) + (
-        " | held-out " + _format_eval(m) if "eval/pass@1" in m else "")

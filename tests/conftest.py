@@ -28,7 +28,7 @@ def tiny_model_path() -> str:
 
 @pytest.fixture(scope="session")
 def chat(tiny_model_path):
-    from mmagent_rl.rollout.chat import ChatFormat
+    from mmagent_rl.chat import ChatFormat
 
     return ChatFormat.from_pretrained(tiny_model_path)
 

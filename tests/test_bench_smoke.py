@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from mmagent_rl.learner.policy import load_policy
-from mmagent_rl.learner.sync import (export_buckets, export_hf_state, from_wire,
-                                     load_buckets, make_buckets, to_wire)
+from mmagent_rl.learner.sync import export_buckets, export_hf_state
+from mmagent_rl.wire import from_wire, load_buckets, make_buckets, to_wire
 from mmagent_rl.rollout.engine import WeightPushError, validate_push
 
 
@@ -124,7 +124,7 @@ def test_weight_sync_bench_quick_runs_and_ends_with_its_json_line():
     import sys
 
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    p = subprocess.run([sys.executable, "bench/weight_sync.py", "--quick", "--sizes", "10"],
+    p = subprocess.run([sys.executable, "bench/weight_sync.py", "--quick"],
                        cwd=repo, capture_output=True, text=True, timeout=1200)
     assert p.returncode == 0, p.stderr[-3000:]
     last = json.loads(p.stdout.strip().splitlines()[-1])

@@ -232,7 +232,8 @@ def test_model_pixels_flow_into_the_engine_config():
 def test_pixels_reach_the_processor_and_the_agent_loop(tiny_model_path):
     from PIL import Image
 
-    from mmagent_rl.rollout.agent_loop import AgentLoop, load_chat
+    from mmagent_rl.chat import load_chat
+    from mmagent_rl.rollout.agent_loop import AgentLoop
 
     img = Image.new("RGB", (448, 448))
     default = load_chat(tiny_model_path)
@@ -249,24 +250,44 @@ def test_pixels_reach_the_processor_and_the_agent_loop(tiny_model_path):
     assert loop.chat.system_prompt == default.system_prompt
 
 
-def test_pixels_reach_vllm_mm_processor_kwargs(tiny_model_path, chat, examples):
-    """A real engine: model.min/max_pixels and rollout.engine.extra's own
-    mm_processor_kwargs both reach vLLM's multimodal config, and its image tokens are
-    counted with them (a prompt built for the default resolution is refused)."""
-    from mmagent_rl.rollout.agent_loop import AgentLoop
-    from mmagent_rl.rollout.engine import EngineConfig, VLLMEngine
+def test_pixels_reach_vllm_mm_processor_kwargs(tiny_model_path):
+    """A real engine, in a subprocess (vLLM caches processors per process: an engine
+    with other pixel bounds would change what the session's engine sees): the model's
+    min/max_pixels and rollout.engine.extra's own mm_processor_kwargs both reach vLLM's
+    multimodal config, and the agent loop counts the image's tokens with them."""
+    import json
+    import subprocess
+    import sys
 
-    eng = VLLMEngine(tiny_model_path, EngineConfig(max_model_len=1024, **PIX, extra={
-        "mm_processor_kwargs": {"fps": 1}}))
-    mm = eng.llm.llm_engine.vllm_config.model_config.multimodal_config
-    assert mm.mm_processor_kwargs == {"fps": 1, **PIX}
-    assert eng.processor_kwargs == {"fps": 1, **PIX}
-    # the agent loop counts image tokens the engine's way, so a rollout goes through
-    (t,) = AgentLoop(eng, chat).run(examples[:1], n=1, seed=0)
-    assert t.num_generated > 0
-    prompt_pads = t.token_ids[:t.prompt_len].count(chat.image_token_id)
-    assert prompt_pads == AgentLoop(eng, chat).chat.num_image_tokens(examples[0].image) \
-        < chat.num_image_tokens(examples[0].image)
+    code = f"""
+import json, torch
+torch.set_num_threads(1)
+from mmagent_rl.chat import ChatFormat
+from mmagent_rl.data.synthetic import SyntheticConfig, SyntheticDataset
+from mmagent_rl.rollout.agent_loop import AgentLoop
+from mmagent_rl.rollout.engine import EngineConfig, VLLMEngine
+PIX = {PIX!r}
+eng = VLLMEngine({tiny_model_path!r}, EngineConfig(max_model_len=1024, **PIX,
+                 extra={{"mm_processor_kwargs": {{"fps": 1}}}}))
+mm = eng.llm.llm_engine.vllm_config.model_config.multimodal_config
+chat = ChatFormat.from_pretrained({tiny_model_path!r})
+ex = SyntheticDataset(SyntheticConfig(), seed=0, size=1, split="train")[0]
+loop = AgentLoop(eng, chat)
+(t,) = loop.run([ex], n=1, seed=0)
+print(json.dumps({{"vllm": mm.mm_processor_kwargs, "engine": eng.processor_kwargs,
+                  "generated": t.num_generated,
+                  "prompt_pads": t.token_ids[:t.prompt_len].count(chat.image_token_id),
+                  "counted": loop.chat.num_image_tokens(ex.image),
+                  "default": chat.num_image_tokens(ex.image)}}))
+"""
+    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=600, env=env, cwd=REPO)
+    assert p.returncode == 0, p.stderr[-3000:]
+    got = json.loads(p.stdout.strip().splitlines()[-1])
+    assert got["vllm"] == {"fps": 1, **PIX} and got["engine"] == {"fps": 1, **PIX}
+    assert got["generated"] > 0
+    assert got["prompt_pads"] == got["counted"] < got["default"]
 
 
 def test_learner_gets_attn_checkpointing_and_pixels(tiny_model_path, tmp_path):

@@ -14,7 +14,7 @@ from mmagent_rl.data.demos import (
 )
 from mmagent_rl.data.synthetic import SyntheticConfig, describe_target, generate_example
 from mmagent_rl.models.tiny import TinySpec, ensure_tiny_model
-from mmagent_rl.rollout.chat import ChatFormat
+from mmagent_rl.chat import ChatFormat
 from mmagent_rl.tools.parse import find_tool_call, parse_tool_call
 from mmagent_rl.tools.zoom import is_valid_box, zoom
 

@@ -97,7 +97,7 @@ def test_eval_examples_travel_as_arrays_and_come_back_identical():
     import numpy as np
     from PIL import Image
 
-    from mmagent_rl.data.example import Example, examples_from_wire, examples_to_wire
+    from mmagent_rl.example import Example, examples_from_wire, examples_to_wire
     from mmagent_rl.data.synthetic import SyntheticConfig, SyntheticDataset
 
     ds = SyntheticDataset(SyntheticConfig(), seed=0, size=4, split="test")

@@ -10,7 +10,7 @@ from mmagent_rl.learner.batch import collate, mrope_positions
 from mmagent_rl.learner.policy import load_policy, token_logprobs
 from mmagent_rl.learner.sync import export_hf_state
 from mmagent_rl.rollout.agent_loop import AgentConfig, AgentLoop
-from mmagent_rl.rollout.chat import collapse_image_runs
+from mmagent_rl.chat import collapse_image_runs
 from mmagent_rl.rollout.engine import WeightPushError
 
 VALID_CALL = ('I need a closer look.<tool_call>{"name": "image_zoom_in_tool", "arguments": '
@@ -49,7 +49,7 @@ def _qwen3_rollout_logprob_gap(example) -> tuple[int, float]:
     """In a fresh process: vLLM keeps one engine's parallel state per process."""
     torch.set_num_threads(1)
     from mmagent_rl.models.tiny import TinySpec, ensure_tiny_model
-    from mmagent_rl.rollout.chat import ChatFormat
+    from mmagent_rl.chat import ChatFormat
     from mmagent_rl.rollout.engine import EngineConfig, VLLMEngine
 
     path = str(ensure_tiny_model(TinySpec(family="qwen3_vl")))
@@ -205,7 +205,7 @@ def test_bad_weight_push_is_refused_before_touching_the_engine(engine, chat, pol
         engine.load_weights(named + named[:1])
     # Bucketed: each bucket is a legitimate subset, but together they must cover every
     # parameter; refused before the first bucket is loaded.
-    from mmagent_rl.learner.sync import make_buckets, to_wire
+    from mmagent_rl.wire import make_buckets, to_wire
 
     buckets = [to_wire(b) for b in make_buckets(named[:-1], 0.05)]
     assert len(buckets) > 3

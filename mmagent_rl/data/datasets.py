@@ -28,7 +28,7 @@ from typing import Any
 
 from PIL import Image, ImageFile
 
-from mmagent_rl.data.example import Example
+from mmagent_rl.example import Example
 from mmagent_rl.tools.zoom import is_valid_box
 
 log = logging.getLogger(__name__)

@@ -34,9 +34,9 @@ from typing import Any
 
 from PIL import Image
 
-from mmagent_rl.data.example import Example
+from mmagent_rl.example import Example
 from mmagent_rl.data.synthetic import describe_target
-from mmagent_rl.rollout.chat import ChatFormat
+from mmagent_rl.chat import ChatFormat
 from mmagent_rl.tools.parse import TOOL_CALL_CLOSE, TOOL_CALL_OPEN, ZOOM_TOOL_NAME
 from mmagent_rl.tools.zoom import zoom
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageDraw
 
-from mmagent_rl.data.example import Example
+from mmagent_rl.example import Example
 
 QUESTION = "What is the colour of the small square inside the black ring? Answer with one word."
 

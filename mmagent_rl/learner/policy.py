@@ -5,7 +5,7 @@ import torch
 
 from mmagent_rl.algos.grpo import entropy_from_logits
 from mmagent_rl.learner.batch import Batch
-from mmagent_rl.rollout.chat import BANNED_LOGIT_BIAS
+from mmagent_rl.chat import BANNED_LOGIT_BIAS
 
 
 def load_policy(model_path: str, dtype: str = "float32", attn_implementation: str = "sdpa"):

@@ -25,12 +25,9 @@ measures it); the store still holds one full copy. The actors' public methods
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
 
-BACKENDS = ("object_store",)
-_WIRE_VIEW = {torch.bfloat16: torch.int16, torch.float16: torch.int16}
-
+from mmagent_rl.wire import make_buckets, to_wire
 
 def export_hf_state(model, gather_zero3: bool = False,
                     clone: bool = True) -> list[tuple[str, torch.Tensor]]:
@@ -55,60 +52,6 @@ def export_hf_state(model, gather_zero3: bool = False,
     return list(revert_weight_conversion(model, sd).items())
 
 
-def check_backend(name: str) -> None:
-    if name not in BACKENDS:
-        raise ValueError(f"sync.backend={name!r} is not available; valid: {list(BACKENDS)}")
-
-
-def to_wire(named) -> list[tuple[str, np.ndarray, str]]:
-    """(name, numpy view, torch dtype name): zero-copy views of CPU tensors."""
-    out = []
-    for name, t in named:
-        t = t.detach().cpu().contiguous()
-        view = _WIRE_VIEW.get(t.dtype)
-        out.append((name, (t.view(view) if view is not None else t).numpy(),
-                    str(t.dtype).removeprefix("torch.")))
-    return out
-
-
-def from_wire(items) -> list[tuple[str, torch.Tensor]]:
-    """Inverse of :func:`to_wire` (zero-copy; read-only arrays stay unwritten). Plain
-    (name, tensor) pairs pass through unchanged."""
-    import warnings
-
-    out = []
-    for item in items:
-        if len(item) == 2:
-            out.append(tuple(item))
-            continue
-        name, a, dtype = item
-        with warnings.catch_warnings():  # object-store arrays are read-only: never written
-            warnings.simplefilter("ignore", UserWarning)
-            t = torch.from_numpy(a)
-        target = getattr(torch, dtype)
-        out.append((name, t.view(target) if t.dtype != target else t))
-    return out
-
-
-def make_buckets(named, bucket_mb: float) -> list[list]:
-    """Consecutive groups of whole tensors of at most ``bucket_mb`` MB each (a larger
-    tensor is a bucket of its own); the order is kept. ``bucket_mb <= 0``: one bucket."""
-    if bucket_mb <= 0:
-        return [list(named)] if named else []
-    limit = max(1, int(bucket_mb * 2**20))
-    buckets, cur, size = [], [], 0
-    for name, t in named:
-        n = t.numel() * t.element_size()
-        if cur and size + n > limit:
-            buckets.append(cur)
-            cur, size = [], 0
-        cur.append((name, t))
-        size += n
-    if cur:
-        buckets.append(cur)
-    return buckets
-
-
 def export_buckets(model, bucket_mb: float, *, gather_zero3: bool, rank: int) -> list:
     """In a learner process: ``model``'s weights as object-store refs, one per bucket.
     Under ZeRO-3 every rank must call it (the gather is a collective); only rank 0's
@@ -120,13 +63,3 @@ def export_buckets(model, bucket_mb: float, *, gather_zero3: bool, rank: int) ->
         return []
     # Each put copies the bucket into the store at once, so no full clone is needed.
     return [ray.put(to_wire(b)) for b in make_buckets(named, bucket_mb)]
-
-
-def load_buckets(engine, refs: list) -> None:
-    """In a rollout process: load the buckets into ``engine`` (a VLLMEngine) in place."""
-    import ray
-
-    # One get for all buckets (one round trip to their owner, not one per bucket); the
-    # arrays are zero-copy views of the shared store, turned into tensors bucket by bucket.
-    arrays = ray.get(list(refs))
-    engine.load_weights_bucketed(lambda i: from_wire(arrays[i]), len(refs))

@@ -102,8 +102,8 @@ class Learner:
                  lr: float | None = None):
         import deepspeed
 
-        from mmagent_rl.rollout.agent_loop import load_chat
-        from mmagent_rl.rollout.engine import pixel_kwargs
+        from mmagent_rl.chat import load_chat
+        from mmagent_rl.chat import pixel_kwargs
 
         cfg, model_cfg = cfg or LearnerConfig(), model or ModelConfig()
         zero_stage, micro_batch_size = cfg.zero_stage, cfg.micro_batch_size

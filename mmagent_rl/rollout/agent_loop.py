@@ -14,8 +14,9 @@ from typing import Optional
 
 from PIL import Image
 
-from mmagent_rl.data.example import Example
-from mmagent_rl.rollout.chat import BANNED_LOGIT_BIAS, ChatFormat, collapse_image_runs
+from mmagent_rl.example import Example
+from mmagent_rl.chat import (BANNED_LOGIT_BIAS, ChatFormat, chat_with_processor_kwargs,
+                             collapse_image_runs)
 from mmagent_rl.rollout.engine import Generation
 from mmagent_rl.tools.parse import (
     find_tool_call,
@@ -66,28 +67,6 @@ class _State:
     # Text of the current turn generated before a fork (AXPO continues after an opening
     # <tool_call>): the next turn's call is parsed with it in front.
     partial: str = ""
-
-
-def load_chat(model_path: str, system_prompt: str | None = None,
-              processor_kwargs: dict | None = None) -> ChatFormat:
-    """ChatFormat whose image processor takes ``processor_kwargs`` (min/max_pixels)."""
-    if not processor_kwargs:
-        return ChatFormat.from_pretrained(model_path, system_prompt)
-    from transformers import AutoProcessor
-
-    proc = AutoProcessor.from_pretrained(model_path, **processor_kwargs)
-    kw = {} if system_prompt is None else {"system_prompt": system_prompt}
-    return ChatFormat(proc.tokenizer, proc.image_processor, **kw)
-
-
-def chat_with_processor_kwargs(chat: ChatFormat, model_path: str | None,
-                               processor_kwargs: dict | None) -> ChatFormat:
-    """``chat`` with its image processor rebuilt for ``processor_kwargs`` (unchanged
-    when there are none)."""
-    if not processor_kwargs or model_path is None:
-        return chat
-    new = load_chat(model_path, None, processor_kwargs)
-    return ChatFormat(chat.tokenizer, new.image_processor, chat.system_prompt)
 
 
 def request_seed(seed: int, *parts) -> int:

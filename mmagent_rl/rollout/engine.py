@@ -17,6 +17,8 @@ from typing import Optional
 
 from PIL import Image
 
+from mmagent_rl.chat import pixel_kwargs
+
 
 @dataclass
 class EngineConfig:
@@ -62,13 +64,6 @@ def checkpoint_shapes(model_path: str | os.PathLike) -> dict[str, tuple[int, ...
             if name != "__metadata__":
                 shapes[name] = tuple(info["shape"])
     return shapes
-
-
-def pixel_kwargs(min_pixels: int | None, max_pixels: int | None) -> dict:
-    """Processor keyword arguments for the set bounds (HF processors and vLLM's Qwen-VL
-    mm_processor_kwargs both take ``min_pixels`` / ``max_pixels``)."""
-    return {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels))
-            if v is not None}
 
 
 def _patch_cpu_seeded_sampling() -> None:
@@ -285,7 +280,7 @@ class VLLMEngine:
     def load_weights(self, named: list[tuple[str, object]]) -> None:
         """Replace weights in place (HF names), then drop caches computed with the old ones.
         ``named`` holds (name, tensor) pairs or the sync wire format (learner/sync.py)."""
-        from mmagent_rl.learner.sync import from_wire
+        from mmagent_rl.wire import from_wire
 
         named = from_wire(named)
         validate_push(named, self.expected_shapes, complete=True)
@@ -303,7 +298,7 @@ class VLLMEngine:
         of them stream through one reload, so a layer split across buckets is still
         loaded whole. An engine in another process (tensor parallel > 1) gets them as
         one list."""
-        from mmagent_rl.learner.sync import from_wire
+        from mmagent_rl.wire import from_wire
 
         names: list[str] = []
         for i in range(num_buckets):

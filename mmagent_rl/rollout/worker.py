@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from mmagent_rl.data.example import Example
+from mmagent_rl.example import Example
 from mmagent_rl.rollout.agent_loop import AgentConfig, AgentLoop
-from mmagent_rl.rollout.chat import ChatFormat
+from mmagent_rl.chat import ChatFormat
 from mmagent_rl.rollout.engine import EngineConfig, VLLMEngine
 from mmagent_rl.trajectory import Trajectory
 
@@ -39,7 +39,7 @@ class RolloutWorker:
         from mmagent_rl.eval import eval_agent_config, run_eval
         from mmagent_rl.reward.worker import RewardScorer
 
-        from mmagent_rl.data.example import examples_from_wire
+        from mmagent_rl.example import examples_from_wire
 
         key = examples_ref[0].hex()
         if getattr(self, "_eval_key", None) != key:
@@ -70,7 +70,7 @@ class RolloutWorker:
     def load_weight_refs(self, refs: list, version: int) -> int:
         """Load ``Learner.export_weight_refs``'s buckets in place (learner/sync.py);
         nothing loads unless every bucket is valid and the push is complete."""
-        from mmagent_rl.learner.sync import load_buckets
+        from mmagent_rl.wire import load_buckets
 
         load_buckets(self.engine, refs)
         self.weights_version = version

@@ -1,4 +1,5 @@
-"""Token-level chat format shared by rollout, SFT demonstrations and the learner.
+"""Token-level chat format shared by rollout, SFT demonstrations and the learner (a
+contract at the bottom of the package: every wing imports it, it imports no wing).
 
 Turns are built as token ids directly (never by re-rendering the whole chat), so what
 the learner trains on is exactly what the engine saw. In these ids every image is a run
@@ -112,3 +113,32 @@ def collapse_image_runs(ids: list[int], image_token_id: int) -> list[int]:
             continue
         out.append(t)
     return out
+
+
+def pixel_kwargs(min_pixels: int | None, max_pixels: int | None) -> dict:
+    """Processor keyword arguments for the set bounds (HF processors and vLLM's Qwen-VL
+    mm_processor_kwargs both take ``min_pixels`` / ``max_pixels``)."""
+    return {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels))
+            if v is not None}
+
+
+def load_chat(model_path: str, system_prompt: str | None = None,
+              processor_kwargs: dict | None = None) -> ChatFormat:
+    """ChatFormat whose image processor takes ``processor_kwargs`` (min/max_pixels)."""
+    if not processor_kwargs:
+        return ChatFormat.from_pretrained(model_path, system_prompt)
+    from transformers import AutoProcessor
+
+    proc = AutoProcessor.from_pretrained(model_path, **processor_kwargs)
+    kw = {} if system_prompt is None else {"system_prompt": system_prompt}
+    return ChatFormat(proc.tokenizer, proc.image_processor, **kw)
+
+
+def chat_with_processor_kwargs(chat: ChatFormat, model_path: str | None,
+                               processor_kwargs: dict | None) -> ChatFormat:
+    """``chat`` with its image processor rebuilt for ``processor_kwargs`` (unchanged
+    when there are none)."""
+    if not processor_kwargs or model_path is None:
+        return chat
+    new = load_chat(model_path, None, processor_kwargs)
+    return ChatFormat(chat.tokenizer, new.image_processor, chat.system_prompt)

@@ -1,0 +1,79 @@
+"""The weights wire format, a contract at the bottom of the package: the learner sends
+with it, the rollout engine receives with it (learner/sync.py has the protocol).
+
+Tensors travel as numpy arrays (16-bit floats viewed as int16), which Ray stores out of
+band and reads back zero-copy from the shared object store; torch tensors would be
+pickled through ``torch.save`` (two extra copies). ``make_buckets`` groups them into
+objects of at most ``sync.bucket_mb`` MB.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+BACKENDS = ("object_store",)
+_WIRE_VIEW = {torch.bfloat16: torch.int16, torch.float16: torch.int16}
+
+
+def check_backend(name: str) -> None:
+    if name not in BACKENDS:
+        raise ValueError(f"sync.backend={name!r} is not available; valid: {list(BACKENDS)}")
+
+
+def to_wire(named) -> list[tuple[str, np.ndarray, str]]:
+    """(name, numpy view, torch dtype name): zero-copy views of CPU tensors."""
+    out = []
+    for name, t in named:
+        t = t.detach().cpu().contiguous()
+        view = _WIRE_VIEW.get(t.dtype)
+        out.append((name, (t.view(view) if view is not None else t).numpy(),
+                    str(t.dtype).removeprefix("torch.")))
+    return out
+
+
+def from_wire(items) -> list[tuple[str, torch.Tensor]]:
+    """Inverse of :func:`to_wire` (zero-copy; read-only arrays stay unwritten). Plain
+    (name, tensor) pairs pass through unchanged."""
+    import warnings
+
+    out = []
+    for item in items:
+        if len(item) == 2:
+            out.append(tuple(item))
+            continue
+        name, a, dtype = item
+        with warnings.catch_warnings():  # object-store arrays are read-only: never written
+            warnings.simplefilter("ignore", UserWarning)
+            t = torch.from_numpy(a)
+        target = getattr(torch, dtype)
+        out.append((name, t.view(target) if t.dtype != target else t))
+    return out
+
+
+def make_buckets(named, bucket_mb: float) -> list[list]:
+    """Consecutive groups of whole tensors of at most ``bucket_mb`` MB each (a larger
+    tensor is a bucket of its own); the order is kept. ``bucket_mb <= 0``: one bucket."""
+    if bucket_mb <= 0:
+        return [list(named)] if named else []
+    limit = max(1, int(bucket_mb * 2**20))
+    buckets, cur, size = [], [], 0
+    for name, t in named:
+        n = t.numel() * t.element_size()
+        if cur and size + n > limit:
+            buckets.append(cur)
+            cur, size = [], 0
+        cur.append((name, t))
+        size += n
+    if cur:
+        buckets.append(cur)
+    return buckets
+
+
+def load_buckets(engine, refs: list) -> None:
+    """In a rollout process: load the buckets into ``engine`` (a VLLMEngine) in place."""
+    import ray
+
+    # One get for all buckets (one round trip to their owner, not one per bucket); the
+    # arrays are zero-copy views of the shared store, turned into tensors bucket by bucket.
+    arrays = ray.get(list(refs))
+    engine.load_weights_bucketed(lambda i: from_wire(arrays[i]), len(refs))
