@@ -32,8 +32,6 @@ log = logging.getLogger(__name__)
 
 
 class Trainer(Checkpointing, HeldOutEval):
-    _step_examples: dict | None = None  # id -> Example of the step's prompts (AXPO)
-    _reward_metrics: dict | None = None  # the reward actor's additive metrics, per step
     _logged_step: int | None = None  # the last step written to metrics.jsonl (this process)
 
     def __init__(self, cfg: Config, run_dir: str):
@@ -58,6 +56,10 @@ class Trainer(Checkpointing, HeldOutEval):
                              "(data.eval_size, or the rows of data.eval_path)")
         self.collapse = ToolCollapseWatch(cfg.trainer.tool_collapse_floor)
         self.algorithm = algos.build(cfg.algo)
+        # per step (reset by train_step): the step's prompts by id (AXPO continues from
+        # them) and the reward actor's additive metrics, summed over its calls
+        self._step_examples: dict = {}
+        self._reward_metrics: dict = {}
         self.t_fit = time.perf_counter()  # time/elapsed counts from fit() (or here) ...
         self.elapsed_before = 0.0  # ... plus, on resume, the checkpointed run's elapsed
         self.stop_reason: str | None = None
@@ -124,9 +126,8 @@ class Trainer(Checkpointing, HeldOutEval):
                                            [(0, lambda a: a.scores.remote(trajs))])[0]
         for t, s in zip(trajs, scores):
             s.apply(t)
-        if self._reward_metrics is not None:
-            for k, v in metrics.items():
-                self._reward_metrics[k] = self._reward_metrics.get(k, 0.0) + v
+        for k, v in metrics.items():
+            self._reward_metrics[k] = self._reward_metrics.get(k, 0.0) + v
         return trajs
 
     # ---- one step ------------------------------------------------------------------
@@ -134,8 +135,7 @@ class Trainer(Checkpointing, HeldOutEval):
         n = len(self.dataset)
         out = [self.dataset[(self.data_pos + i) % n] for i in range(count)]
         self.data_pos += count
-        if self._step_examples is not None:
-            self._step_examples.update((ex.id, ex) for ex in out)
+        self._step_examples.update((ex.id, ex) for ex in out)
         return out
 
     def _rollout(self, examples, seed: int) -> list[Trajectory]:
@@ -184,8 +184,7 @@ class Trainer(Checkpointing, HeldOutEval):
     def train_step(self) -> dict:
         c, step = self.cfg, self.step
         t_start = time.perf_counter()
-        self._step_examples = {}  # id -> Example of this step's prompts
-        self._reward_metrics = {}
+        self._step_examples, self._reward_metrics = {}, {}
         trajs, times, extra = self._sample_groups(c.trainer.seed * 100003 + step)
         self.last_trajectories = trajs  # for benchmarks and debugging
         adv, algo_metrics = self.algorithm.advantages(trajs)

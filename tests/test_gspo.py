@@ -106,3 +106,19 @@ def test_two_step_gspo_run(tmp_path):
         assert math.isfinite(r["loss"]) and r["learner/steps_total"] == r["step"]
         assert r["gspo/seq_ratio_mean"] == pytest.approx(1.0, abs=1e-3)  # on-policy
         assert 0.0 <= r["gspo/clipped_seq_fraction"] <= 1.0
+
+
+def test_optional_kl_term_is_a_sequence_mean_of_the_estimator():
+    lp, lp_old, adv, mask = _two_sequences()
+    lp_ref = lp_old - 0.1  # reference log-probs a fixed 0.1 below
+    beta = 0.5
+    with_kl, stats = gspo_loss(lp, lp_old, adv, mask, cfg=GSPOConfig(),
+                               grpo_cfg=GRPOConfig(kl_beta=beta), lp_ref=lp_ref)
+    without, _ = gspo_loss(lp, lp_old, adv, mask, cfg=GSPOConfig(), grpo_cfg=NO_KL)
+    m = mask.bool()
+    x = (lp_ref - lp).detach()  # k3: exp(x) - x - 1 per generated token
+    k3 = torch.where(m, torch.exp(x) - x - 1, torch.zeros(()))
+    per_seq = k3.sum(-1) / m.sum(-1)
+    assert float((with_kl - without).detach()) == pytest.approx(beta * float(per_seq.mean()),
+                                                                rel=1e-5)
+    assert stats["kl"] == pytest.approx(float(k3.sum() / m.sum()), rel=1e-5)

@@ -50,7 +50,7 @@ def test_a_new_algorithm_gets_its_config_section_from_the_registry():
 
         def advantages(self, trajs):
             adv, m = super().advantages(trajs)
-            return adv * self.settings.scale, m
+            return adv * self.cfg.toy_for_test.scale, m
 
     try:
         cls = algos.config_class()

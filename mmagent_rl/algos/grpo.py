@@ -206,6 +206,20 @@ def policy_loss(
     return loss, stats
 
 
+def kl_term(lp: Tensor, lp_ref: Tensor, mask: Tensor, cfg: GRPOConfig, agg: str, *,
+            num_tokens=None, num_seqs=None) -> tuple[Tensor, float]:
+    """The KL-to-reference term before its weight ``cfg.kl_beta``: ``agg`` of the
+    per-token estimate ``cfg.kl_estimator``, and its masked mean (for the ``kl`` stat)."""
+    m = mask.bool()
+    zero = torch.zeros((), dtype=torch.float32, device=lp.device)
+    lp_f = torch.where(m, lp.float(), zero)
+    ref_f = torch.where(m, lp_ref.float(), zero)
+    kl_t = kl_penalty(lp_f, ref_f, cfg.kl_estimator)
+    kl = aggregate(kl_t, m, agg, num_tokens=num_tokens, num_seqs=num_seqs,
+                   max_len=cfg.max_response_len)
+    return kl, _masked_mean(kl_t.detach(), m)
+
+
 def grpo_loss(
     lp: Tensor,
     lp_old: Tensor,
@@ -226,15 +240,9 @@ def grpo_loss(
     loss = pg
     kl_mean = 0.0
     if cfg.kl_beta > 0 and lp_ref is not None:
-        m = mask.bool()
-        zero = torch.zeros((), dtype=torch.float32, device=lp.device)
-        lp_f = torch.where(m, lp.float(), zero)
-        ref_f = torch.where(m, lp_ref.float(), zero)
-        kl_t = kl_penalty(lp_f, ref_f, cfg.kl_estimator)
-        kl = aggregate(kl_t, m, cfg.agg, num_tokens=num_tokens, num_seqs=num_seqs,
-                       max_len=cfg.max_response_len)
+        kl, kl_mean = kl_term(lp, lp_ref, mask, cfg, cfg.agg, num_tokens=num_tokens,
+                              num_seqs=num_seqs)
         loss = pg + cfg.kl_beta * kl
-        kl_mean = _masked_mean(kl_t.detach(), m)
     stats.update(pg_loss=float(pg.detach()), kl=kl_mean, loss=float(loss.detach()))
     return loss, stats
 

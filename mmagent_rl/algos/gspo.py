@@ -19,10 +19,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from mmagent_rl.algos.grpo import GRPO, GRPOConfig, _masked_mean, aggregate, kl_penalty
+from mmagent_rl.algos.grpo import (_LOG_RATIO_CLAMP, GRPO, GRPOConfig, _masked_mean, aggregate,
+                                   kl_term)
 from mmagent_rl.algos.registry import LossInputs, register
-
-_LOG_RATIO_CLAMP = 20.0
 
 
 @dataclass
@@ -60,10 +59,9 @@ def gspo_loss(lp: Tensor, lp_old: Tensor, adv: Tensor, mask: Tensor, *, cfg: GSP
     pg = aggregate(loss_t, m, "seq-mean-token-mean", num_seqs=num_seqs)
     loss, kl_mean = pg, 0.0
     if grpo_cfg.kl_beta > 0 and lp_ref is not None:
-        kl_t = kl_penalty(lp_f, torch.where(m, lp_ref.float(), zero), grpo_cfg.kl_estimator)
-        loss = pg + grpo_cfg.kl_beta * aggregate(kl_t, m, "seq-mean-token-mean",
-                                                 num_seqs=num_seqs)
-        kl_mean = _masked_mean(kl_t.detach(), m)
+        kl, kl_mean = kl_term(lp, lp_ref, mask, grpo_cfg, "seq-mean-token-mean",
+                              num_seqs=num_seqs)
+        loss = pg + grpo_cfg.kl_beta * kl
     with torch.no_grad():
         s = torch.exp(log_s.detach())
         rows = m.any(-1)  # sequences with generated tokens (not padding copies)

@@ -11,6 +11,7 @@ trajectory's expanded ``<|image_pad|>`` runs stay valid for the masked forward.
 """
 from __future__ import annotations
 
+import logging
 import math
 from collections import deque
 from dataclasses import dataclass
@@ -23,6 +24,8 @@ from torch import Tensor
 from mmagent_rl.algos.grpo import (GRPO, GRPOConfig, _masked_mean, aggregate, grpo_loss,
                                    kl_penalty)
 from mmagent_rl.algos.registry import LossInputs, register
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -262,11 +265,8 @@ class PAPO(GRPO):
                                   metrics.get("papo/entropy_ori", 0.0),
                                   metrics.get("papo/entropy_aug", 0.0))
         if fired:
-            import logging
-
-            logging.getLogger(__name__).warning(
-                "PAPO: perception KL jumped while both entropies rose (KL hacking?) at "
-                "step %d", step)
+            log.warning("PAPO: perception KL jumped while both entropies rose (KL hacking?) "
+                        "at step %d", step)
         return {"papo/hacking_alarm": float(fired)}
 
     def state_dict(self):

@@ -68,12 +68,9 @@ class Algorithm:
     config: ClassVar[type | None] = None  # its settings: the section algo.<name>
 
     def __init__(self, cfg):
-        self.cfg = cfg  # the whole algo section (AlgoConfig): grpo.* and algo.<name>.*
-
-    @property
-    def settings(self):
-        """This algorithm's own section (``algo.<name>``), or None."""
-        return getattr(self.cfg, self.name, None) if self.config else None
+        # the whole algo section (AlgoConfig): its own settings are cfg.<name>, and
+        # every algorithm reads the shared cfg.grpo
+        self.cfg = cfg
 
     # ---- driver ---------------------------------------------------------------------
     def advantages(self, trajs: list[Trajectory]) -> tuple[Tensor, dict]:
