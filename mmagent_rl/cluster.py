@@ -1,13 +1,16 @@
 """Where the actors run: Ray start-up, the DeepSpeed learner group and its placement,
-and how a step's batch is split over the learners."""
+how a step's batch is split over the learners, and the driver's handle on its actors
+(``Actors``)."""
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
+import shutil
 import socket
 
-from mmagent_rl.config import Config
+from mmagent_rl.config import Config, system_prompt
+from mmagent_rl.faults import learner_get
 from mmagent_rl.trajectory import Trajectory
 
 
@@ -85,3 +88,101 @@ def start_learners(cfg: Config, model_path: str, *, total_steps: int, algo=None,
         temperature=cfg.rollout.agent.temperature, seed=cfg.trainer.seed,
         total_steps=total_steps, lr=lr)
         for r in range(L.num_workers)]
+
+
+class Actors:
+    """The run's actors and how the driver calls them (a mixin of ``Trainer``; it needs
+    ``cfg``, ``model_path``, ``algorithm``, ``faults`` and ``step``): start-up, calls
+    that survive a restarted rollout or reward actor (mmagent_rl/faults.py), weight
+    sync through the actors' public methods, the final save and shutdown."""
+    rollouts: list
+    learners: list
+    reward: object
+
+    def _start_actors(self) -> None:
+        from mmagent_rl.reward.worker import make_reward_actor
+        from mmagent_rl.rollout.worker import make_rollout_actor
+
+        c = self.cfg
+        restarts = c.trainer.max_actor_restarts
+        Rollout = make_rollout_actor(c.rollout.num_cpus, c.rollout.num_gpus, restarts,
+                                     c.rollout.spread_nodes)
+        # trainer.seed reaches unseeded sampling too (the engine's global generator);
+        # seed 0 keeps rollout.engine.seed as it is.
+        engine_cfg = dataclasses.replace(
+            c.rollout.engine, seed=c.rollout.engine.seed + 1_000_003 * c.trainer.seed)
+        self.rollouts = [Rollout.remote(self.model_path, engine_cfg, c.rollout.agent,
+                                        system_prompt(c))
+                         for _ in range(c.rollout.num_workers)]
+        Reward = make_reward_actor(c.reward.num_cpus, c.reward.num_gpus, restarts)
+        alignment = self.algorithm.alignment()  # per-tool-call scores (MAPO) or None
+        self.reward = Reward.remote(c.reward.fn, c.reward.match_mode, c.reward.format_weight,
+                                    c.reward.clip if alignment else None, alignment)
+        self.learners = start_learners(c, self.model_path, total_steps=c.trainer.total_steps)
+        from mmagent_rl.chat import ChatFormat
+
+        self.tool_call_open_id = ChatFormat.from_pretrained(self.model_path).tool_call_open_id
+        self._get([a.ping.remote() for a in self.rollouts])
+        self._learners_get([a.config.remote() for a in self.learners])
+
+    def _get(self, refs):
+        import ray
+
+        return ray.get(refs, timeout=self.cfg.trainer.step_timeout_s)
+
+    def _learners_get(self, refs):
+        """Fails as soon as one learner fails; a dead learner raises LearnerLost."""
+        return learner_get(refs, self.cfg.trainer.step_timeout_s)
+
+    def _on_rollouts(self, jobs):
+        """(worker index, submit) jobs; a worker that dies is restarted, given the
+        current weights, and its job resubmitted unchanged (mmagent_rl/faults.py)."""
+        return self.faults.call("rollout", self.rollouts, jobs,
+                                restore=lambda i: self.sync_weights(self.step, only=[i]))
+
+    def _score(self, trajs: list[Trajectory]) -> list[Trajectory]:
+        """The reward actor's scores, applied here; its additive metrics are summed
+        over the step (refill rounds and extra rollouts are scored separately)."""
+        scores, metrics = self.faults.call("reward", [self.reward],
+                                           [(0, lambda a: a.scores.remote(trajs))])[0]
+        for t, s in zip(trajs, scores):
+            s.apply(t)
+        for k, v in metrics.items():
+            self._reward_metrics[k] = self._reward_metrics.get(k, 0.0) + v
+        return trajs
+
+    def sync_weights(self, version: int, only: list[int] | None = None) -> None:
+        """Learner rank 0's weights into every rollout engine (or those in ``only``):
+        export and load run inside the actors (learner/sync.py, ``sync.bucket_mb``)."""
+        c = self.cfg
+        # Under ZeRO-3 gathering the full weights is a collective: every rank joins.
+        group = self.learners if c.learner.zero_stage == 3 else self.learners[:1]
+        refs = self._learners_get([lr.export_weight_refs.remote(c.sync.bucket_mb)
+                                   for lr in group])[0]
+        workers = range(len(self.rollouts)) if only is None else only
+        # A worker that dies while loading comes back with the starting weights and is
+        # given these again (no restore step needed: the retry is the load itself).
+        self.faults.call("rollout", self.rollouts,
+                         [(i, lambda w: w.load_weight_refs.remote(refs, version))
+                          for i in workers])
+
+    def save(self, path: str) -> str:
+        """Atomic: written to a temporary folder, renamed when complete."""
+        tmp = path + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        self._learners_get([lr.save.remote(tmp) for lr in self.learners])
+        shutil.rmtree(path, ignore_errors=True)
+        os.rename(tmp, path)
+        return path
+
+    def weights_checksum(self) -> float:
+        return self._get(self.learners[0].weights_checksum.remote())
+
+    def shutdown(self) -> None:
+        import ray
+
+        if self.metrics_log:
+            self.metrics_log.close()
+        for a in self.rollouts + self.learners + [self.reward]:
+            ray.kill(a)

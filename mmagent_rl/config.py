@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 
@@ -26,6 +26,7 @@ class ModelConfig:
     path: Optional[str] = None
     tiny_seed: int = 0
     tiny_family: str = "qwen2_5_vl"  # or qwen3_vl
+    tiny_variant: str = "plain"  # or agent: the embedded agent's base (models/tiny.py)
     dtype: str = "float32"
     system_prompt: Optional[str] = None  # None = the default tool prompt
     # Image resolution bounds (pixels after resizing) for the learner's processor and
@@ -152,13 +153,44 @@ class TrainerConfig:
 
 
 @dataclass
+class SFTStage:
+    """One stage of an SFT curriculum (mmagent_rl/sft/curriculum.py): each step trains
+    one batch of one sample kind, drawn from ``mix``; the stage ends after ``steps`` or
+    once the mean of ``advance_metric`` over its last ``advance_window`` reports reaches
+    ``advance_at`` (a skill gate, measured on fresh examples)."""
+    name: str = "stage"
+    steps: int = 100
+    # sample kind -> share of steps (crop, locate, dialogue); given whole: a default
+    # here would be merged into every stage's mix
+    mix: dict[str, float] = field(default_factory=dict)
+    batch: dict[str, int] = field(default_factory=lambda: {"crop": 32, "locate": 8,
+                                                             "dialogue": 8})
+    easy_fraction: float = 0.1  # share of large targets (answered without a tool)
+    crop_scale: Optional[list[float]] = None  # crop samples: box of [lo, hi] x the square
+    synthetic: dict[str, Any] = field(default_factory=dict)  # SyntheticConfig overrides
+    blob: float = 0.0  # > 0: a filled disc of this many ring radii over the ring
+    blob_color: bool = False  # the disc in the answer's colour instead of black
+    think: Optional[str] = None  # thinking before the tool call ({color}: the answer)
+    think_prob: float = 1.0  # share of locate samples that use ``think``
+    advance_metric: Optional[str] = None  # e.g. locate/near_xy1 (sft/probes.py)
+    advance_at: float = 0.0
+    advance_window: int = 20
+
+
+@dataclass
 class SFTConfig:
     data_path: Optional[str] = None  # jsonl of demonstration rows; None = generated demos
-    steps: int = 200
-    batch_size: int = 16  # demonstrations per optimizer step (global)
+    steps: int = 200  # with stages: a cap on the curriculum's total steps
+    batch_size: int = 16  # demonstrations per optimizer step (global; without stages)
     lr: float = 2e-3
     seed: int = 0
     demo: DemoConfig = field(default_factory=DemoConfig)
+    # A curriculum on the synthetic task (conf/sft/embedded_agent.yaml); empty = plain SFT
+    # of whole demonstrations with the learner's LR schedule. With stages the driver sets
+    # the LR: linear warm-up, constant, cosine to min_lr_ratio over the last stage only.
+    stages: list[SFTStage] = field(default_factory=list)
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1
 
 
 @dataclass

@@ -8,7 +8,6 @@ default). Prints a table and writes ``eval.json`` in the run directory.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
@@ -16,6 +15,7 @@ import os
 import time
 from statistics import mean, stdev
 
+from mmagent_rl.rollout.agent_loop import eval_agent_config
 from mmagent_rl.tools.zoom import is_valid_box
 from mmagent_rl.trajectory import Trajectory, group_by_prompt
 
@@ -73,14 +73,6 @@ def summarize(trajs: list[Trajectory], k: int) -> dict:
     }
 
 
-def eval_agent_config(agent_cfg, temperature: float, blank_tool_images: bool = False):
-    """The rollout settings an evaluation samples with: the eval temperature and
-    per-request seeds always (an eval then draws nothing from the engine's global
-    generator, so training that follows samples what it would have without it)."""
-    return dataclasses.replace(agent_cfg, temperature=temperature, seeded_requests=True,
-                               blank_tool_images=blank_tool_images)
-
-
 def run_eval(loop, examples, *, n_samples: int, seed: int, scorer) -> list[Trajectory]:
     """The one evaluator: ``n_samples`` rollouts per example through ``loop`` (an
     AgentLoop built with :func:`eval_agent_config`), scored by ``scorer`` (a
@@ -111,8 +103,8 @@ def evaluate(model_path: str, examples, *, n_samples: int, k: int, temperature: 
 class HeldOutEval:
     """The held-out eval inside training (a mixin of ``Trainer``: it uses the run's
     config, rollout workers and ``eval_examples``): before the first step, every
-    ``trainer.eval_every`` steps and after the last, through :func:`run_eval` on the
-    rollout workers, summarised on the driver."""
+    ``trainer.eval_every`` steps and after the last: the rollouts on the workers, the
+    scoring (as :func:`run_eval` does) and the summary on the driver."""
     last_eval: dict | None = None  # the latest held-out eval's summary (eval.json)
     _eval_refs: list | None = None  # (worker index, ObjectRef of its eval share)
 
@@ -123,8 +115,8 @@ class HeldOutEval:
 
     def evaluate_heldout(self) -> dict:
         """The held-out figures with the current weights: the eval examples split over
-        the rollout workers, each running mmagent_rl/eval.py's run_eval, summarised
-        here. Returns ``eval/*`` metrics; the full summary is kept for eval.json."""
+        the rollout workers, their rollouts scored and summarised here as run_eval
+        does. Returns ``eval/*`` metrics; the full summary is kept for eval.json."""
         import ray
 
         c, E = self.cfg, self.cfg.eval
@@ -138,10 +130,13 @@ class HeldOutEval:
             self.eval_examples = []  # the object store holds them now
         parts = self._on_rollouts([
             (i, lambda w, ref=ref: w.evaluate.remote(
-                [ref], E.n_samples, E.seed, E.temperature, c.reward.fn, c.reward.match_mode,
-                E.blank_tool_images))
+                [ref], E.n_samples, E.seed, E.temperature, E.blank_tool_images))
             for i, ref in self._eval_refs])
-        result = summarize([t for p in parts for t in p], E.k)
+        from mmagent_rl.reward.worker import RewardScorer
+
+        trajs = RewardScorer(c.reward.fn, c.reward.match_mode).score(
+            [t for p in parts for t in p])
+        result = summarize(trajs, E.k)
         result["step"] = self.step
         result["time_s"] = time.perf_counter() - t0
         self.last_eval = result

@@ -131,3 +131,14 @@ class Restarts:
                 time.sleep(1.0)
         raise ActorGaveUp(f"{name} did not come back within {self.restart_timeout:.0f} s "
                           "(trainer.actor_restart_timeout_s)") from last
+
+
+def fault_stop_reason(err: Exception, during: str | None, logged: int, run_dir: str) -> str:
+    """What a run stopped by a lost actor says: where, what is kept, how to go on."""
+    from mmagent_rl import checkpoint as ck
+
+    last = ck.latest_checkpoint(run_dir)
+    how = (f"rerun with trainer.resume=auto (same hydra.run.dir) to continue from {last}"
+           if last else "no complete checkpoint to resume from (set trainer.save_every)")
+    done = f"steps 1-{logged} are complete and logged" if logged else "no step is complete"
+    return f"stopped during {during or f'step {logged + 1}'}: {err}; {done}; {how}"

@@ -29,6 +29,11 @@ class NonfiniteGuard:
     def should_stop(self) -> bool:
         return self.limit > 0 and self.in_a_row >= self.limit
 
+    def stop_reason(self, step: int) -> str:
+        return (f"stopped at step {step}: the last {self.in_a_row} steps had a NaN/inf "
+                f"loss or gradient and were skipped (trainer.max_nonfinite_steps="
+                f"{self.limit}); the weights are unchanged since step {step - self.in_a_row}")
+
 
 class ToolCollapseWatch:
     """Tool-call collapse, which users of other frameworks report: ``tool/collapse_alarm``

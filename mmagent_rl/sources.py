@@ -18,7 +18,8 @@ def resolve_model_path(cfg: Config) -> str:
     from mmagent_rl.models.tiny import TinySpec, ensure_tiny_model
 
     return str(ensure_tiny_model(TinySpec(family=cfg.model.tiny_family,
-                                         seed=cfg.model.tiny_seed)))
+                                         seed=cfg.model.tiny_seed,
+                                         variant=cfg.model.tiny_variant)))
 
 
 def make_dataset(cfg: Config, split: str = "train", skipped: dict | None = None):

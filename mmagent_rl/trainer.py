@@ -4,24 +4,24 @@ The driver only calls actor methods (generate, score, train_step, save); it neve
 reaches into an actor (weight sync too: ``Learner.export_weight_refs`` then
 ``RolloutWorker.load_weight_refs``). What differs between algorithms is behind
 the hooks of ``self.algorithm`` (mmagent_rl/algos/registry.py): no name is tested here.
+The rest lives in mixins: ``Actors`` (cluster.py: start-up, fault-tolerant calls, weight
+sync, save), ``Checkpointing`` (checkpoint.py: save and resume), ``HeldOutEval`` (eval.py).
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
-import shutil
 import time
 
 from omegaconf import OmegaConf
 
 from mmagent_rl import algos
 from mmagent_rl.checkpoint import Checkpointing
-from mmagent_rl.cluster import shard_for_learners, start_learners, start_ray
-from mmagent_rl.config import Config, check_resources, system_prompt, validate
+from mmagent_rl.cluster import Actors, shard_for_learners, start_ray
+from mmagent_rl.config import Config, check_resources, validate
 from mmagent_rl.eval import HeldOutEval
-from mmagent_rl.faults import ActorGaveUp, LearnerLost, Restarts, learner_get
+from mmagent_rl.faults import ActorGaveUp, LearnerLost, Restarts, fault_stop_reason
 from mmagent_rl.guards import NonfiniteGuard, ToolCollapseWatch
 from mmagent_rl.learner.worker import finalize_metrics
 from mmagent_rl.metrics import RunLogger, format_eval, format_step, rollout_metrics
@@ -31,7 +31,7 @@ from mmagent_rl.trajectory import Trajectory, group_by_prompt
 log = logging.getLogger(__name__)
 
 
-class Trainer(Checkpointing, HeldOutEval):
+class Trainer(Actors, Checkpointing, HeldOutEval):
     _logged_step: int | None = None  # the last step written to metrics.jsonl (this process)
 
     def __init__(self, cfg: Config, run_dir: str):
@@ -76,59 +76,6 @@ class Trainer(Checkpointing, HeldOutEval):
         self.data_pos = 0
         if self.resume_from:
             self._resume(resume)
-
-    # ---- set-up --------------------------------------------------------------------
-    def _start_actors(self) -> None:
-        from mmagent_rl.reward.worker import make_reward_actor
-        from mmagent_rl.rollout.worker import make_rollout_actor
-
-        c = self.cfg
-        restarts = c.trainer.max_actor_restarts
-        Rollout = make_rollout_actor(c.rollout.num_cpus, c.rollout.num_gpus, restarts,
-                                     c.rollout.spread_nodes)
-        # trainer.seed reaches unseeded sampling too (the engine's global generator);
-        # seed 0 keeps rollout.engine.seed as it is.
-        engine_cfg = dataclasses.replace(
-            c.rollout.engine, seed=c.rollout.engine.seed + 1_000_003 * c.trainer.seed)
-        self.rollouts = [Rollout.remote(self.model_path, engine_cfg, c.rollout.agent,
-                                        system_prompt(c))
-                         for _ in range(c.rollout.num_workers)]
-        Reward = make_reward_actor(c.reward.num_cpus, c.reward.num_gpus, restarts)
-        alignment = self.algorithm.alignment()  # per-tool-call scores (MAPO) or None
-        self.reward = Reward.remote(c.reward.fn, c.reward.match_mode, c.reward.format_weight,
-                                    c.reward.clip if alignment else None, alignment)
-        self.learners = start_learners(c, self.model_path, total_steps=c.trainer.total_steps)
-        from mmagent_rl.chat import ChatFormat
-
-        self.tool_call_open_id = ChatFormat.from_pretrained(self.model_path).tool_call_open_id
-        self._get([a.ping.remote() for a in self.rollouts])
-        self._learners_get([a.config.remote() for a in self.learners])
-
-    def _get(self, refs):
-        import ray
-
-        return ray.get(refs, timeout=self.cfg.trainer.step_timeout_s)
-
-    def _learners_get(self, refs):
-        """Fails as soon as one learner fails; a dead learner raises LearnerLost."""
-        return learner_get(refs, self.cfg.trainer.step_timeout_s)
-
-    def _on_rollouts(self, jobs):
-        """(worker index, submit) jobs; a worker that dies is restarted, given the
-        current weights, and its job resubmitted unchanged (mmagent_rl/faults.py)."""
-        return self.faults.call("rollout", self.rollouts, jobs,
-                                restore=lambda i: self.sync_weights(self.step, only=[i]))
-
-    def _score(self, trajs: list[Trajectory]) -> list[Trajectory]:
-        """The reward actor's scores, applied here; its additive metrics are summed
-        over the step (refill rounds and extra rollouts are scored separately)."""
-        scores, metrics = self.faults.call("reward", [self.reward],
-                                           [(0, lambda a: a.scores.remote(trajs))])[0]
-        for t, s in zip(trajs, scores):
-            s.apply(t)
-        for k, v in metrics.items():
-            self._reward_metrics[k] = self._reward_metrics.get(k, 0.0) + v
-        return trajs
 
     # ---- one step ------------------------------------------------------------------
     def _next_examples(self, count: int):
@@ -239,21 +186,6 @@ class Trainer(Checkpointing, HeldOutEval):
         """Wall time of the run's training so far, across resumes."""
         return self.elapsed_before + time.perf_counter() - self.t_fit
 
-    def sync_weights(self, version: int, only: list[int] | None = None) -> None:
-        """Learner rank 0's weights into every rollout engine (or those in ``only``):
-        export and load run inside the actors (learner/sync.py, ``sync.bucket_mb``)."""
-        c = self.cfg
-        # Under ZeRO-3 gathering the full weights is a collective: every rank joins.
-        group = self.learners if c.learner.zero_stage == 3 else self.learners[:1]
-        refs = self._learners_get([lr.export_weight_refs.remote(c.sync.bucket_mb)
-                                   for lr in group])[0]
-        workers = range(len(self.rollouts)) if only is None else only
-        # A worker that dies while loading comes back with the starting weights and is
-        # given these again (no restore step needed: the retry is the load itself).
-        self.faults.call("rollout", self.rollouts,
-                         [(i, lambda w: w.load_weight_refs.remote(refs, version))
-                          for i in workers])
-
     def _continue_from(self, prefixes: list[Trajectory], k: int, seed: int) -> list[Trajectory]:
         """k scored continuations of each prefix (AXPO), split over the rollout workers;
         the tool crops from the prefix's own example."""
@@ -302,11 +234,7 @@ class Trainer(Checkpointing, HeldOutEval):
         if self.exit_status:  # an actor fault: the learners' state is gone, nothing to save
             return history
         if self.nonfinite.should_stop:
-            self.stop_reason = (
-                f"stopped at step {self.step}: the last {self.nonfinite.in_a_row} steps had a "
-                "NaN/inf loss or gradient and were skipped (trainer.max_nonfinite_steps="
-                f"{c.trainer.max_nonfinite_steps}); the weights are unchanged since step "
-                f"{self.step - self.nonfinite.in_a_row}")
+            self.stop_reason = self.nonfinite.stop_reason(self.step)
             log.error("%s", self.stop_reason)
             self.exit_status = 3
         if c.trainer.save_final:
@@ -319,35 +247,7 @@ class Trainer(Checkpointing, HeldOutEval):
     def _stop_on_fault(self, err: Exception, during: str | None = None) -> None:
         """A clean stop: the step in progress is not logged nor counted (nor a step
         whose held-out eval failed after it trained); the message says how to go on."""
-        from mmagent_rl import checkpoint as ck
-
         logged = self.step if self._logged_step is None else self._logged_step
-        last = ck.latest_checkpoint(self.run_dir)
-        how = (f"rerun with trainer.resume=auto (same hydra.run.dir) to continue from {last}"
-               if last else "no complete checkpoint to resume from (set trainer.save_every)")
-        done = f"steps 1-{logged} are complete and logged" if logged else "no step is complete"
-        self.stop_reason = (f"stopped during {during or f'step {logged + 1}'}: {err}; "
-                            f"{done}; {how}")
+        self.stop_reason = fault_stop_reason(err, during, logged, self.run_dir)
         self.exit_status = 4
         log.error("%s", self.stop_reason)
-
-    def save(self, path: str) -> str:
-        """Atomic: written to a temporary folder, renamed when complete."""
-        tmp = path + ".tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        self._learners_get([lr.save.remote(tmp) for lr in self.learners])
-        shutil.rmtree(path, ignore_errors=True)
-        os.rename(tmp, path)
-        return path
-
-    def weights_checksum(self) -> float:
-        return self._get(self.learners[0].weights_checksum.remote())
-
-    def shutdown(self) -> None:
-        import ray
-
-        if self.metrics_log:
-            self.metrics_log.close()
-        for a in self.rollouts + self.learners + [self.reward]:
-            ray.kill(a)

@@ -9,6 +9,8 @@ padding tokens; ``logprobs`` holds the engine's log-probability of each sampled 
 """
 from __future__ import annotations
 
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -98,3 +100,29 @@ def group_by_prompt(trajs: list[Trajectory]) -> dict[str, list[Trajectory]]:
     for t in trajs:
         groups.setdefault(t.prompt_id, []).append(t)
     return groups
+
+
+_DESCRIPTION_RE = re.compile(r"<description>(.*?)</description>", re.DOTALL)
+
+
+def extract_post_description(turn_text: str) -> str | None:
+    """Stripped content of the first ``<description>...</description>``, else None."""
+    m = _DESCRIPTION_RE.search(turn_text or "")
+    return m.group(1).strip() if m else None
+
+
+def description_for_call(traj: Trajectory, call_index: int, mode: str,
+                         turn_texts: Sequence[str] | None = None) -> str | None:
+    """What a tool call says it fetched (MAPO scores it against the crop).
+
+    ``mode`` "label": the call's ``label``. "post": the ``<description>`` in the *next*
+    assistant turn (``turn_texts[call.turn + 1]``; the model writes it after seeing the
+    crop); None when ``turn_texts`` is None or there is no next turn (cut by max_turns).
+    """
+    call = traj.tool_calls[call_index]
+    if mode == "label":
+        return call.label
+    nxt = call.turn + 1
+    if turn_texts is None or nxt >= len(turn_texts):
+        return None
+    return extract_post_description(turn_texts[nxt])

@@ -7,13 +7,8 @@ import torch
 from PIL import Image
 
 from mmagent_rl.data.synthetic import COLOR_RGB, SyntheticConfig, SyntheticDataset, describe_target
-from mmagent_rl.reward.clip_model import (
-    EMBEDDED_WEIGHTS,
-    ClipScorer,
-    heldout_crops,
-    load_clip,
-    sample_crops,
-)
+from mmagent_rl.models.tiny_clip import heldout_crops, sample_crops
+from mmagent_rl.reward.clip_model import EMBEDDED_WEIGHTS, ClipScorer, load_clip
 
 torch.set_num_threads(1)
 

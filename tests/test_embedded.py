@@ -2,7 +2,6 @@
 determinism that its rebuild command relies on."""
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -37,21 +36,29 @@ def test_embedded_agent_meets_tool_and_format_targets(tmp_path):
     assert res["accuracy"] >= 2 / 6, res  # twice chance (6 colours)
 
 
-def _short_recipe_run(out) -> str:
-    # every stage of the shipped recipe, 3 steps each: the same code path, seconds long
-    steps = [f"stages.{i}.steps=3" for i in range(5)]
+def _short_build(work) -> str:
+    """Every stage of the shipped curriculum, 3 steps each, through the build command
+    (the same code path, seconds long); the first stage's gate set to open at once."""
+    steps = [f"sft.stages.{i}.steps=3" for i in range(5)]
+    gate = ["sft.stages.0.advance_at=0.0", "sft.stages.0.advance_window=1"]
     run = subprocess.run(
-        [sys.executable, os.path.join(REPO, "bench", "sft_recipe.py"), "train",
-         "--recipe", "ladder_q3", "--out", str(out), "--eval-n", "0", "--log-every", "5",
-         *steps], capture_output=True, text=True, timeout=600)
+        [sys.executable, "-m", "mmagent_rl.models.embedded", "build", "--work", str(work),
+         "--out", str(work / "agent"), "sft.steps=15", *steps, *gate,
+         "trainer.progress=false"], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
-    return hashlib.sha256((out / "model" / "model.safetensors").read_bytes()).hexdigest()
+    stages = json.loads((work / "stages.json").read_text())
+    assert [s["name"] for s in stages] == ["big_clean", "big", "mid", "task", "act"]
+    first = stages[0]  # ends at its first locate batch, the gate's metric's first report
+    rows = [json.loads(x) for x in (work / "metrics.jsonl").read_text().splitlines()]
+    first_locate = next(r["step"] for r in rows if "locate/near_xy1" in r)
+    assert first["gate_passed"] and first["end_step"] == first_locate, stages
+    recorded = (work / "agent" / "SHA256").read_text().split()[0]
+    assert recorded == weights_sha256(work / "agent")
+    return recorded
 
 
 @pytest.mark.slow
-def test_recipe_rebuild_is_bit_for_bit(tmp_path):
-    """Two runs of the recipe give the same weight bytes (the shipped agent's rebuild
-    claim, checked on a 15-step prefix of the same recipe)."""
-    first = _short_recipe_run(tmp_path / "a")
-    second = _short_recipe_run(tmp_path / "b")
-    assert first == second
+def test_build_is_bit_for_bit(tmp_path):
+    """Two runs of `python -m mmagent_rl.models.embedded build` give the same weight
+    bytes (the shipped agent's rebuild claim, checked on a 15-step prefix)."""
+    assert _short_build(tmp_path / "a") == _short_build(tmp_path / "b")

@@ -86,7 +86,7 @@ def _image_hash(ex) -> str:
 def test_testbed_heldout_split_is_disjoint_from_every_training_stream():
     """The held-out examples of data=synthetic_hard share no (seed, index) key and no
     image with the RL training split of any sweep seed, nor with the SFT streams
-    (mmagent_rl.sft's generated demonstrations and the embedded agent's recipe)."""
+    (mmagent_rl.sft's generated demonstrations and the embedded agent's curriculum)."""
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
@@ -119,14 +119,21 @@ def test_testbed_heldout_split_is_disjoint_from_every_training_stream():
     for name, ds in streams.items():
         assert ds.size <= SPLIT_OFFSETS["val"], name
     # mmagent_rl.sft generates from the same train split (its data.* config); the
-    # embedded agent's recipe drew its examples from the train offset too (default and
-    # easy target sizes). Sample each stream and compare images as well as keys.
+    # embedded agent's curriculum draws its examples from the train offset too. Sample
+    # each stream and compare images as well as keys.
     sft_like = [generate_example(0, SPLIT_OFFSETS["train"] + i, SyntheticConfig())
                 for i in range(64)]
     for name, ds in [*streams.items(), ("sft demos", sft_like)]:
         sample = [ds[i] for i in range(64)]
         assert not held_keys & {key(ex) for ex in sample}, name
         assert not held_hashes & {_image_hash(ex) for ex in sample}, name
+    # The embedded agent's curriculum (sft=embedded_agent) draws train-split indices
+    # below step cap x stride, which it checks is under the val offset.
+    from mmagent_rl.sft.curriculum import STRIDE
+
+    with initialize_config_dir(config_dir=f"{REPO}/conf", version_base="1.3"):
+        agent = OmegaConf.to_object(compose("config", overrides=["sft=embedded_agent"]))
+    assert agent.sft.steps * STRIDE <= SPLIT_OFFSETS["val"]
     # A differing data order across seeds: the training streams are not the same.
     assert _image_hash(streams["rl seed 0"][0]) != _image_hash(streams["rl seed 1"][0])
 

@@ -9,10 +9,12 @@ import torch
 from mmagent_rl.algos.grpo import GRPOConfig, group_advantages
 from mmagent_rl.algos.mapo import (
     MAPOConfig, alignment_metrics, check_description, compute_mapo_advantages,
-    description_for_call, effective_scores, extract_post_description, mapo_trajectory_rewards,
+    effective_scores, mapo_trajectory_rewards,
     mapo_turn_advantages, trajectory_score, turn_returns,
 )
-from mmagent_rl.trajectory import ToolCall, Trajectory
+from mmagent_rl.trajectory import (
+    ToolCall, Trajectory, description_for_call, extract_post_description,
+)
 
 torch.set_num_threads(1)
 
@@ -175,12 +177,12 @@ def test_label_and_post_descriptions():
              '<tool_call>{"name": "image_zoom_in_tool"}</tool_call>',
              "<answer>green</answer>"]
     label, post = MAPOConfig(description="label"), MAPOConfig(description="post")
-    assert description_for_call(t, 0, label) == "a red square"
-    assert description_for_call(t, 1, label, texts) == "a blue circle"
-    assert description_for_call(t, 0, post, texts) == "a green square"  # first one, next turn
-    assert description_for_call(t, 1, post, texts) is None  # answer turn has none
-    assert description_for_call(t, 0, post) is None  # no turn texts
-    assert description_for_call(t, 1, post, texts[:2]) is None  # no next turn
+    assert description_for_call(t, 0, label.description) == "a red square"
+    assert description_for_call(t, 1, label.description, texts) == "a blue circle"
+    assert description_for_call(t, 0, post.description, texts) == "a green square"  # first one, next turn
+    assert description_for_call(t, 1, post.description, texts) is None  # answer turn has none
+    assert description_for_call(t, 0, post.description) is None  # no turn texts
+    assert description_for_call(t, 1, post.description, texts[:2]) is None  # no next turn
     assert extract_post_description("<description>unclosed") is None
     assert extract_post_description("<description></description>") == ""
     assert check_description(extract_post_description("<description></description>"), 16) == "missing"

@@ -104,3 +104,34 @@ def test_algo_config_pickles_by_name():
     cfg.papo.gamma = 0.04
     back = pickle.loads(pickle.dumps(cfg))
     assert type(back) is AlgoConfig and back == cfg
+
+
+WINGS = ("rollout", "reward", "learner", "data")
+# below the wings: what any of them may import (docs/design.md, "Imports across the wings")
+SHARED = ("trajectory", "example", "chat", "wire", "tools", "config", "algos", "checkpoint")
+
+
+def _imports_of(path: pathlib.Path) -> set[str]:
+    import ast
+
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith(
+                "mmagent_rl"):
+            mods = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            out.update(m.split(".")[1] for m in mods if m.count(".") >= 1)
+        elif isinstance(node, ast.Import):
+            out.update(a.name.split(".")[1] for a in node.names
+                       if a.name.startswith("mmagent_rl."))
+    return out
+
+
+def test_no_wing_imports_a_sibling_wing_or_anything_above_it():
+    pkg = pathlib.Path(algos.__file__).parents[1]
+    bad = []
+    for wing in WINGS:
+        for f in sorted((pkg / wing).glob("*.py")):
+            for mod in _imports_of(f) - {wing}:
+                if mod not in SHARED:
+                    bad.append(f"{wing}/{f.name} imports mmagent_rl.{mod}")
+    assert not bad, bad

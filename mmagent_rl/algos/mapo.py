@@ -11,7 +11,6 @@ adds ``beta * S_i`` to the reward before GRPO. No tool call -> no semantic term.
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -24,7 +23,6 @@ from mmagent_rl.trajectory import Trajectory
 
 DESCRIPTION_MODES = ("label", "post")
 COUPLINGS = ("turn", "trajectory")
-_DESCRIPTION_RE = re.compile(r"<description>(.*?)</description>", re.DOTALL)
 
 Scores = Sequence[Sequence["float | None"]]
 
@@ -55,29 +53,6 @@ class MAPOConfig:
         if self.beta < 0 or self.max_words < 1 or self.norm_eps <= 0:
             raise ValueError(f"need beta >= 0, max_words >= 1, norm_eps > 0; got "
                              f"{self.beta}, {self.max_words}, {self.norm_eps}")
-
-
-def extract_post_description(turn_text: str) -> str | None:
-    """Stripped content of the first ``<description>...</description>``, else None."""
-    m = _DESCRIPTION_RE.search(turn_text or "")
-    return m.group(1).strip() if m else None
-
-
-def description_for_call(traj: Trajectory, call_index: int, cfg: MAPOConfig,
-                         turn_texts: Sequence[str] | None = None) -> str | None:
-    """The text to score for ``traj.tool_calls[call_index]``.
-
-    "label": the call's ``label``. "post": the ``<description>`` in the *next* assistant
-    turn (``turn_texts[call.turn + 1]``; the model writes it after seeing the crop);
-    None when ``turn_texts`` is None or there is no next turn (e.g. cut by max_turns).
-    """
-    call = traj.tool_calls[call_index]
-    if cfg.description == "label":
-        return call.label
-    nxt = call.turn + 1
-    if turn_texts is None or nxt >= len(turn_texts):
-        return None
-    return extract_post_description(turn_texts[nxt])
 
 
 def check_description(desc: str | None, max_words: int) -> str:

@@ -15,9 +15,11 @@ import torch
 
 from mmagent_rl import algos
 from mmagent_rl.config import LearnerConfig, ModelConfig
-from mmagent_rl.algos.grpo import aggregate
 from mmagent_rl.learner.batch import collate
-from mmagent_rl.learner.policy import enable_gradient_checkpointing, load_policy, token_logprobs
+from mmagent_rl.learner.grad_probe import GradProbe, grad_variance
+from mmagent_rl.learner.policy import (
+    enable_gradient_checkpointing, load_policy, token_logprobs, trained_position_logits,
+)
 from mmagent_rl.learner.sync import export_hf_state
 from mmagent_rl.trajectory import Trajectory
 
@@ -39,39 +41,6 @@ def _init_distributed(rank: int, world_size: int, master_addr: str, master_port:
         sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
     os.environ.setdefault("LOCAL_RANK", "0")
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
-
-
-class GradProbe:
-    """``grad/variance``: the spread of per-micro-batch policy gradients, for every
-    algorithm alike (MAPO claims to reduce it).
-
-    For micro-batch m, g_m is the gradient of its share of the step's loss w.r.t. a
-    probe weight (the last language-model layer's MLP down projection), read on a fixed
-    random set C of at most 4096 coordinates. With M micro-batches in the whole step
-    (all ranks), M * g_m is an unbiased estimate of the step's gradient on C, and
-    grad/variance = mean over c in C of the unbiased variance over m of M * g_m[c]."""
-
-    def __init__(self, model, seed: int, max_coords: int = 4096):
-        names = [n for n, _ in model.named_parameters()
-                 if n.endswith("mlp.down_proj.weight") and "visual" not in n]
-        self.param = dict(model.named_parameters())[names[-1]]
-        g = torch.Generator().manual_seed(1234)
-        n = self.param.numel()
-        self.coords = torch.randperm(n, generator=g)[:min(n, max_coords)]
-
-    def sample(self, loss) -> list[float]:
-        (g,) = torch.autograd.grad(loss, self.param, retain_graph=True, allow_unused=True)
-        if g is None:
-            return [0.0] * len(self.coords)
-        return g.detach().flatten()[self.coords].double().tolist()
-
-
-def grad_variance(probes: list[list[float]]) -> float:
-    """Mean over coordinates of the unbiased variance of M * g_m (see GradProbe)."""
-    if len(probes) < 2:
-        return float("nan")
-    g = torch.tensor(probes, dtype=torch.float64) * len(probes)
-    return float(g.var(dim=0, unbiased=True).mean())
 
 
 def lr_lambda_scheduler(optimizer, schedule: str, warmup: int, total: int, min_ratio: float):
@@ -126,8 +95,12 @@ class Learner:
         if model_cfg.gradient_checkpointing:
             enable_gradient_checkpointing(model)
         model.train()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=tuple(cfg.betas),
-                                      weight_decay=cfg.weight_decay)
+        # no weight decay on vectors (norms, biases), as HF's Trainer and nanoGPT do
+        params = list(model.parameters())
+        optimizer = torch.optim.AdamW(
+            [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+             {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],
+            lr=lr, betas=tuple(cfg.betas))
         ds_config = {
             "train_micro_batch_size_per_gpu": micro_batch_size,
             "gradient_accumulation_steps": 1,  # we mark the boundary ourselves
@@ -150,11 +123,14 @@ class Learner:
 
     # ---- training ------------------------------------------------------------------
     def train_step(self, trajs: list[Trajectory], num_tokens: int, num_seqs: int,
-                   objective: str = "rl") -> dict:
+                   objective: str = "rl", lr: float | None = None) -> dict:
         """One optimizer step over this rank's shard. ``num_tokens``/``num_seqs`` are the
         global batch's counts, so the loss is the global token-mean however it is split.
         Every rank must get the same number of trajectories (pad with zero-mask copies).
-        ``objective``: "rl" (the algorithm's loss) or "sft" (NLL of masked tokens)."""
+        ``objective``: "rl" (the algorithm's loss) or "sft" (NLL of masked tokens; the
+        result then has ``predictions``: per trajectory, the argmax token at each trained
+        position, for the SFT driver's skill probes). ``lr``: this step's learning rate,
+        for schedules the driver decides (the SFT curriculum); None = the scheduler's."""
         from deepspeed.runtime.base_optimizer import ZeROOptimizer
 
         t0 = time.perf_counter()
@@ -163,7 +139,11 @@ class Learner:
                for i in range(0, len(trajs), self.micro_batch_size)]
         sums: dict[str, float] = {}
         probes: list[list[float]] = []
+        predictions: list[list[int]] = []
         nonfinite_loss = False
+        if lr is not None:
+            for group in eng.optimizer.param_groups:
+                group["lr"] = lr
         for i, mb in enumerate(mbs):
             eng.set_gradient_accumulation_boundary(i == len(mbs) - 1)
             # The forward below calls the module's parts, not engine.forward(), so do
@@ -175,7 +155,11 @@ class Learner:
                 eng.optimizer.clear_backward_seen_flag()
             batch = collate(mb, self.chat.image_processor, self.chat.image_token_id,
                             self.chat.pad_id)
-            loss, stats = self._loss(batch, mb, objective, num_tokens, num_seqs)
+            if objective == "sft":
+                loss, stats, preds = self._sft_loss(batch, num_tokens)
+                predictions.extend(preds)
+            else:
+                loss, stats = self._loss(batch, mb, num_tokens, num_seqs)
             nonfinite_loss |= not bool(torch.isfinite(loss.detach()).all())
             if nonfinite_loss:
                 # The gradient is made non-finite too (a NaN loss can come from a
@@ -201,9 +185,12 @@ class Learner:
         gn = eng.get_global_grad_norm()
         sums["grad_norm"] = float(gn) if gn is not None else float("nan")
         sums["train/skipped_nonfinite"] = float(skipped)
-        sums["lr"] = float(eng.get_lr()[0])
+        # the override is what this step used; the scheduler's value is the next step's
+        sums["lr"] = float(lr) if lr is not None else float(eng.get_lr()[0])
         sums["time/learner_compute"] = time.perf_counter() - t0
         sums["grad_probes"] = probes
+        if objective == "sft":
+            sums["predictions"] = predictions
         # Counters that a checkpoint carries: a step retried or replayed after a fault
         # would show up here (tests check them against the driver's step count).
         sums["learner/steps_total"] = float(self.step_count)
@@ -256,12 +243,18 @@ class Learner:
         return token_logprobs(model, batch, temperature=self.temperature,
                               banned_ids=self.chat.banned_ids)[0]
 
-    def _loss(self, batch, mb: list[Trajectory], objective: str, num_tokens: int,
-              num_seqs: int):
+    def _sft_loss(self, batch, num_tokens: int):
+        """Token-mean NLL of the trained tokens (global count), the LM head applied to
+        those positions only (most of a demonstration is prompt and observation)."""
+        logits, targets = trained_position_logits(self.engine.module, batch,
+                                                  banned_ids=self.chat.banned_ids)
+        nll = torch.nn.functional.cross_entropy(logits, targets, reduction="sum") / num_tokens
+        counts = batch.loss_mask.bool().sum(1).tolist()
+        preds = logits.detach().argmax(-1).split(counts)
+        return nll, {"pg_loss": 0.0}, [p.tolist() for p in preds]
+
+    def _loss(self, batch, mb: list[Trajectory], num_tokens: int, num_seqs: int):
         lp = self._logprobs(self.engine.module, batch)
-        if objective == "sft":
-            nll = aggregate(-lp, batch.loss_mask, "token-mean", num_tokens=num_tokens)
-            return nll, {"pg_loss": 0.0}
         lp_ref = None
         if self.ref is not None:
             with torch.no_grad():

@@ -55,9 +55,16 @@ class TinySpec:
     min_pixels: int = 28 * 28
     max_pixels: int = 224 * 224  # 1024-px canvas -> 224 px -> 64 merged tokens
     max_position_embeddings: int = 4096
+    # "agent": the embedded agent's base (models/embedded.py, qwen3_vl only): one token
+    # per grid coordinate and for the agent's fixed texts, 256-px images scaled to
+    # [-1, 1], a sin/cos 2-D init of the vision position table, no deepstack.
+    variant: str = "plain"
 
     def key(self) -> str:
-        blob = json.dumps({"v": BUILDER_VERSION, **asdict(self)}, sort_keys=True)
+        fields = asdict(self)
+        if self.variant == "plain":  # the keys of the models built before variants
+            del fields["variant"]
+        blob = json.dumps({"v": BUILDER_VERSION, **fields}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -92,6 +99,41 @@ def _corpus(seed: int, n_lines: int = 4000) -> list[str]:
     return lines
 
 
+def _agent_corpus() -> list[str]:
+    """The agent's own texts, so that each becomes few tokens: every multiple of 32 up to
+    1024 in each slot of a box ("[v" and " v," one token each), the short system prompt,
+    the demonstrations' thinking, the description and answer of every colour."""
+    from mmagent_rl.data.demos import DemoConfig
+    from mmagent_rl.data.synthetic import COLOR_RGB
+    from mmagent_rl.models.embedded import SYSTEM_PROMPT
+
+    rng, demo = random.Random(0), DemoConfig()
+    nums = [str(v) for v in range(0, 1025, 32)]
+    lines = [SYSTEM_PROMPT, demo.think, demo.think_easy]
+    lines += ["[" + ", ".join([v] + [rng.choice(nums) for _ in range(3)]) + "]" for v in nums]
+    lines += ["[" + ", ".join([rng.choice(nums), v, v, v]) + "]" for v in nums]
+    lines += [f"<description>a {c} square inside a black ring</description>"
+              f"<answer>{c}</answer>" for c in COLOR_RGB]
+    return lines * 50
+
+
+def sincos_2d(side: int, dim: int):
+    """(side*side, dim) position table, row-major: half the dims encode the row, half the
+    column, as sin/cos at log-spaced frequencies from 1.5 to 0.1 rad per cell (every cell
+    differs from its neighbours and from the far side)."""
+    import math
+
+    import torch
+
+    q = dim // 4
+    omega = torch.logspace(math.log10(1.5), math.log10(0.1), q)
+    pos = torch.arange(side, dtype=torch.float32)[:, None] * omega[None]
+    enc = torch.cat([pos.sin(), pos.cos()], dim=1)
+    rows = enc[:, None, :].expand(side, side, 2 * q)
+    cols = enc[None, :, :].expand(side, side, 2 * q)
+    return torch.cat([rows, cols], dim=-1).reshape(side * side, 4 * q)
+
+
 def _build_tokenizer(spec: TinySpec):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -103,7 +145,8 @@ def _build_tokenizer(spec: TinySpec):
         vocab_size=spec.vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
-    tok.train_from_iterator(_corpus(spec.seed), trainer=trainer)
+    corpus = _corpus(spec.seed) + (_agent_corpus() if spec.variant == "agent" else [])
+    tok.train_from_iterator(corpus, trainer=trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
         unk_token=None, additional_special_tokens=SPECIAL_TOKENS[1:],
@@ -168,7 +211,7 @@ def _build_qwen3_config(spec: TinySpec, tok):
         intermediate_size=spec.vision_intermediate, num_heads=spec.vision_heads,
         out_hidden_size=spec.hidden_size, patch_size=16, spatial_merge_size=2,
         temporal_patch_size=2, num_position_embeddings=256,
-        deepstack_visual_indexes=[spec.vision_depth - 1],
+        deepstack_visual_indexes=[] if spec.variant == "agent" else [spec.vision_depth - 1],
     )
     cfg = Qwen3VLConfig(
         text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
@@ -195,13 +238,21 @@ def build_tiny_model(out_dir: str | os.PathLike, spec: TinySpec = TinySpec()) ->
     families = ("qwen2_5_vl", "qwen3_vl")
     if spec.family not in families:
         raise ValueError(f"unknown tiny family {spec.family!r}; valid: {list(families)}")
+    if spec.variant not in ("plain", "agent") or (
+            spec.variant == "agent" and spec.family != "qwen3_vl"):
+        raise ValueError(f"tiny variant {spec.variant!r}: valid are plain, and agent "
+                         "(qwen3_vl only)")
     qwen3 = spec.family == "qwen3_vl"
+    agent = spec.variant == "agent"
     patch = 16 if qwen3 else 14
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tok = _build_tokenizer(spec)
     pixels = dict(min_pixels=spec.min_pixels, max_pixels=spec.max_pixels, patch_size=patch)
-    image_proc = Qwen2VLImageProcessorPil(**pixels)
+    if agent:  # 256 px (8 x 8 merged tokens), pixels scaled to [-1, 1]
+        pixels.update(min_pixels=32 * 32, max_pixels=256 * 256)
+    image_proc = Qwen2VLImageProcessorPil(
+        **pixels, **(dict(image_mean=[0.5] * 3, image_std=[0.5] * 3) if agent else {}))
     if qwen3:
         from transformers import Qwen3VLForConditionalGeneration, Qwen3VLProcessor
         from transformers.models.qwen3_vl.video_processing_qwen3_vl import (
@@ -220,6 +271,10 @@ def build_tiny_model(out_dir: str | os.PathLike, spec: TinySpec = TinySpec()) ->
     proc.save_pretrained(out)
     torch.manual_seed(spec.seed)
     model = model_cls(cfg).to(torch.float32)
+    if agent:
+        with torch.no_grad():
+            w = model.model.visual.pos_embed.weight
+            w.copy_(sincos_2d(int(w.shape[0] ** 0.5), w.shape[1]))
     model.generation_config = GenerationConfig(
         eos_token_id=cfg.text_config.eos_token_id, pad_token_id=cfg.text_config.pad_token_id
     )

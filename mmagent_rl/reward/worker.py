@@ -74,13 +74,14 @@ class RewardScorer:
     def _align(self, trajs: list[Trajectory], out: list[Score]) -> dict:
         """Per tool call: (description, crop) -> score in [0, 1] and a status; a missing,
         over-long or failed description scores 0 and keeps its status for the metrics."""
-        from mmagent_rl.algos.mapo import description_for_call
+        from mmagent_rl.trajectory import description_for_call
 
         t0 = time.perf_counter()
         descs, images, where = [], [], []
         for i, t in enumerate(trajs):
             for k, call in enumerate(t.tool_calls):
-                descs.append(description_for_call(t, k, self.mapo, t.turn_texts))
+                descs.append(description_for_call(t, k, self.mapo.description,
+                                                  t.turn_texts))
                 images.append(t.images[call.image_index] if call.image_index is not None
                               else None)
                 where.append(i)

@@ -8,6 +8,7 @@ max_turns and max_total_tokens.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from dataclasses import dataclass, field
 from typing import Optional
@@ -67,6 +68,15 @@ class _State:
     # Text of the current turn generated before a fork (AXPO continues after an opening
     # <tool_call>): the next turn's call is parsed with it in front.
     partial: str = ""
+
+
+def eval_agent_config(agent_cfg: AgentConfig, temperature: float,
+                      blank_tool_images: bool = False) -> AgentConfig:
+    """The rollout settings an evaluation samples with: the eval temperature and
+    per-request seeds always (an eval then draws nothing from the engine's global
+    generator, so training that follows samples what it would have without it)."""
+    return dataclasses.replace(agent_cfg, temperature=temperature, seeded_requests=True,
+                               blank_tool_images=blank_tool_images)
 
 
 def request_seed(seed: int, *parts) -> int:

@@ -27,19 +27,16 @@ class RolloutWorker:
         return trajs
 
     def evaluate(self, examples_ref: list, n: int, seed: int, temperature: float,
-                 reward_fn: str, match_mode: str = "exact",
                  blank_tool_images: bool = False) -> list[Trajectory]:
-        """Held-out eval with the current weights (mmagent_rl/eval.py's run_eval), scored
-        here; images are dropped from the result (the driver only summarises).
+        """Held-out rollouts with the current weights, unscored (the driver scores and
+        summarises them as mmagent_rl/eval.py does); images are dropped from the result.
         ``examples_ref``: ``[ObjectRef]`` of this worker's examples (nested, so Ray does
         not fetch them per call), fetched once and kept: the held-out images are ~3 MB
         each; a restarted worker fetches them again."""
         import ray
 
-        from mmagent_rl.eval import eval_agent_config, run_eval
-        from mmagent_rl.reward.worker import RewardScorer
-
         from mmagent_rl.example import examples_from_wire
+        from mmagent_rl.rollout.agent_loop import eval_agent_config
 
         key = examples_ref[0].hex()
         if getattr(self, "_eval_key", None) != key:
@@ -49,8 +46,7 @@ class RolloutWorker:
         loop = AgentLoop(self.engine, self.chat, eval_agent_config(
             self.loop.cfg, temperature, blank_tool_images))
         with self.engine.rng_preserved():  # training then samples as without this eval
-            trajs = run_eval(loop, self._eval_set, n_samples=n, seed=seed,
-                             scorer=RewardScorer(reward_fn, match_mode))
+            trajs = loop.run(list(self._eval_set), n=n, seed=seed)
         # ... and finds the caches as it would have.
         self.engine.reset_caches()
         for t in trajs:
