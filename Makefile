@@ -17,7 +17,7 @@ demo: setup
 	  trainer.eval_every=60 $(ARGS)
 
 test: setup
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q --durations=30 $(PYTEST_ARGS)
 
 # The unit tier only (tests/conftest.py applies the tiers): pure python/torch, minutes.
 test-fast: setup

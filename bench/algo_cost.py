@@ -1,6 +1,6 @@
 """What MAPO and PAPO cost on top of GRPO, and MAPO's gradient-variance claim.
 
-    python bench/algo_cost.py [--steps 3] [--prompts 4] [--n 4] [--tokens 48]
+    python bench/algo_cost.py [--steps 3] [--prompts 4] [--n 4] [--tokens 48] [--quick]
 
 1. PAPO vs GRPO: the real trainer (Ray, vLLM, DeepSpeed, 1 learner) on the same
    workload (same prompts, seeds and weights at step 1); median time per step and per
@@ -21,7 +21,7 @@ import statistics
 import sys
 import time
 
-from common import TESTS, workload_args
+from common import TESTS, parse_workload, workload_args
 
 sys.path.insert(0, TESTS)  # reward_plugins, for the in-process part
 
@@ -46,11 +46,11 @@ def mapo_part(a, grpo_step_s: float) -> dict:
 
     from mmagent_rl import algos
     from mmagent_rl.algos.grpo import GRPOConfig, grpo_loss
-    from mmagent_rl.config import AlgoConfig, ClipConfig
+    from mmagent_rl.config import AlgoConfig, RewardConfig
     from mmagent_rl.data.synthetic import COLOR_RGB, SyntheticConfig, SyntheticDataset
     from mmagent_rl.learner.batch import collate
     from mmagent_rl.learner.policy import load_policy, token_logprobs
-    from mmagent_rl.learner.worker import GradProbe, grad_variance
+    from mmagent_rl.learner.grad_probe import GradProbe, grad_variance
     from mmagent_rl.models.tiny import ensure_tiny_model
     from mmagent_rl.reward.worker import RewardScorer
     from mmagent_rl.rollout.agent_loop import AgentConfig, AgentLoop
@@ -65,16 +65,27 @@ def mapo_part(a, grpo_step_s: float) -> dict:
                      AgentConfig(max_new_tokens=a.tokens, max_turns=2))
     rng = random.Random(0)
     trajs = []
-    for i in range(a.prompts * 4):  # one scripted call per prompt, true or wrong label
+    for i in range(a.prompts * 4):
         ex = ds[i]
-        colour = ex.answer if rng.random() < 0.5 else rng.choice(list(COLOR_RGB))
-        call = ('<tool_call>{"name": "image_zoom_in_tool", "arguments": {"bbox_2d": '
-                f'{list(ex.target_box)}, "label": "a {colour} square inside a black ring"'
-                '}}</tool_call>')
-        trajs += loop.run([ex], n=a.n, seed=i, scripted_turns=["Let me zoom." + call])
+        for j in range(a.n):  # one scripted call per rollout, its label true or wrong:
+            # alignment then varies inside a group (MAPO normalises it per group)
+            colour = ex.answer if rng.random() < 0.5 else rng.choice(list(COLOR_RGB))
+            call = ('<tool_call>{"name": "image_zoom_in_tool", "arguments": {"bbox_2d": '
+                    f'{list(ex.target_box)}, "label": "a {colour} square inside a black '
+                    'ring"}}</tool_call>')
+            (t,) = loop.run([ex], n=1, seed=i * 1000 + j,
+                            scripted_turns=["Let me zoom." + call])
+            t.sample_idx = j
+            trajs.append(t)
     algo = AlgoConfig(name="mapo")
-    scorer = RewardScorer("reward_plugins:shortness_reward", clip=ClipConfig(),
-                          mapo=algo.mapo)
+    # the scripted calls carry a true or wrong label; a random model writes no
+    # <description> after the crop, so MAPO's default "post" mode would score nothing
+    algo.mapo.description = "label"
+    # the scripted turn is not trained (loss mask 0), so the default turn coupling would
+    # put the alignment term on no token: couple it to the trajectory's reward instead
+    algo.mapo.coupling = "trajectory"
+    scorer = RewardScorer(RewardConfig(fn="reward_plugins:shortness_reward"),
+                          alignment=algo.mapo)
     scorer.score(trajs[:8])  # warm-up
     t0 = time.perf_counter()
     scores, reward_metrics = scorer.scores(trajs)
@@ -110,7 +121,7 @@ def mapo_part(a, grpo_step_s: float) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     workload_args(ap, steps=3, tokens=48)
-    a = ap.parse_args()
+    a = parse_workload(ap)
     grpo = trainer_run("grpo", a, {})
     papo = trainer_run("papo", a, {"algo.papo.double_entropy_grad": False})
     papo2 = trainer_run("papo", a, {"algo.papo.double_entropy_grad": True})

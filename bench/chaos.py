@@ -1,7 +1,7 @@
 """Chaos run (not in CI): actors SIGKILLed again and again during a real run, against
 the same run undisturbed.
 
-    python bench/chaos.py [--steps 12] [--faults 10] [override ...]
+    python bench/chaos.py [--steps 12] [--faults 10] [--quick] [override ...]
 
 Runs ``python -m mmagent_rl.launch`` (tiny model, per-request seeds) twice: clean, then
 with faults. In the second run, after each of the first ``--faults`` logged steps, one
@@ -89,8 +89,11 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--faults", type=int, default=10)
+    ap.add_argument("--quick", action="store_true", help="3 steps, 2 faults")
     ap.add_argument("overrides", nargs="*")
     a = ap.parse_args()
+    if a.quick:
+        a.steps, a.faults = 3, 2
     if a.faults >= a.steps:
         ap.error("--faults must be < --steps (a fault follows a logged step)")
     args = ["+algo=grpo", "model=tiny", f"trainer.total_steps={a.steps}",

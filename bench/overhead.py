@@ -63,7 +63,6 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     workload_args(ap, steps=4, warmup=1, tokens=64)
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--quick", action="store_true")
     ap.add_argument("--set", action="append", default=[],
                     help="extra trainer override key=value (repeatable)")
     a = ap.parse_args()

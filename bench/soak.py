@@ -1,6 +1,6 @@
 """Soak test (not in CI): memory growth per step of every process of a long demo run.
 
-    python bench/soak.py [--steps 200] [--out soak.json] [override ...]
+    python bench/soak.py [--steps 200] [--out soak.json] [--quick] [override ...]
 
 Runs the CPU demo config (what ``make demo`` runs: ``+algo=grpo`` on the default
 config, composed by Hydra from conf/) for ``--steps`` steps with the real Trainer in
@@ -101,8 +101,11 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="also write every sample here (JSON)")
     ap.add_argument("--max-slope", type=float, default=0.5,
                     help="MiB/step above which a process counts as growing")
+    ap.add_argument("--quick", action="store_true", help="4 steps (the least with a slope)")
     ap.add_argument("overrides", nargs="*")
     a = ap.parse_args()
+    if a.quick:
+        a.steps = 4
     if a.steps < 4:
         ap.error("--steps must be >= 4")
 

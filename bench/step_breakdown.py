@@ -1,6 +1,6 @@
 """Time per phase of a GRPO step on a fixed workload, and the framework's overhead.
 
-    python bench/step_breakdown.py [--steps 4] [--prompts 4] [--n 4] [--tokens 64]
+    python bench/step_breakdown.py [--steps 4] [--prompts 4] [--n 4] [--tokens 64] [--quick]
 
 Runs the real trainer (Ray, vLLM, DeepSpeed, 1 learner, tiny model), then, in the same
 run, the pure engine generation of the same number of tokens for the same prompts
@@ -14,13 +14,13 @@ import json
 import statistics
 import time
 
-from common import workload_args
+from common import parse_workload, workload_args
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     workload_args(ap, steps=4, warmup=1, tokens=64)
-    a = ap.parse_args()
+    a = parse_workload(ap)
 
     import torch
 

@@ -163,7 +163,6 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", default="tiny,100")
     workload_args(ap, steps=2, tokens=32)
-    ap.add_argument("--quick", action="store_true")
     ap.add_argument("--trl-child", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.trl_child:

@@ -116,8 +116,7 @@ class Actors:
                          for _ in range(c.rollout.num_workers)]
         Reward = make_reward_actor(c.reward.num_cpus, c.reward.num_gpus, restarts)
         alignment = self.algorithm.alignment()  # per-tool-call scores (MAPO) or None
-        self.reward = Reward.remote(c.reward.fn, c.reward.match_mode, c.reward.format_weight,
-                                    c.reward.clip if alignment else None, alignment)
+        self.reward = Reward.remote(c.reward, alignment)
         self.learners = start_learners(c, self.model_path, total_steps=c.trainer.total_steps)
         from mmagent_rl.chat import ChatFormat
 

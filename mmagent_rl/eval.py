@@ -84,9 +84,11 @@ def run_eval(loop, examples, *, n_samples: int, seed: int, scorer) -> list[Traje
 
 
 def evaluate(model_path: str, examples, *, n_samples: int, k: int, temperature: float,
-             agent_cfg, engine_cfg, reward_fn: str, seed: int = 0,
-             system_prompt: str | None = None, match_mode: str = "exact",
+             agent_cfg, engine_cfg, reward_cfg=None, seed: int = 0,
+             system_prompt: str | None = None,
              blank_tool_images: bool = False) -> tuple[dict, list[Trajectory]]:
+    """``reward_cfg``: the reward section the rollouts are scored with (default:
+    RewardConfig())."""
     from mmagent_rl.reward.worker import RewardScorer
     from mmagent_rl.rollout.agent_loop import AgentLoop
     from mmagent_rl.chat import ChatFormat
@@ -96,7 +98,7 @@ def evaluate(model_path: str, examples, *, n_samples: int, k: int, temperature: 
     loop = AgentLoop(engine, ChatFormat.from_pretrained(model_path, system_prompt),
                      eval_agent_config(agent_cfg, temperature, blank_tool_images))
     trajs = run_eval(loop, examples, n_samples=n_samples, seed=seed,
-                     scorer=RewardScorer(reward_fn, match_mode))
+                     scorer=RewardScorer(reward_cfg))
     return summarize(trajs, k), trajs
 
 
@@ -134,7 +136,7 @@ class HeldOutEval:
             for i, ref in self._eval_refs])
         from mmagent_rl.reward.worker import RewardScorer
 
-        trajs = RewardScorer(c.reward.fn, c.reward.match_mode).score(
+        trajs = RewardScorer(c.reward).score(
             [t for p in parts for t in p])
         result = summarize(trajs, E.k)
         result["step"] = self.step
@@ -182,9 +184,8 @@ def main() -> None:
         result, _ = evaluate(
             path, examples, n_samples=c.eval.n_samples, k=c.eval.k,
             temperature=c.eval.temperature, agent_cfg=c.rollout.agent,
-            engine_cfg=c.rollout.engine, reward_fn=c.reward.fn, seed=c.eval.seed,
-            system_prompt=system_prompt(c), match_mode=c.reward.match_mode,
-            blank_tool_images=c.eval.blank_tool_images)
+            engine_cfg=c.rollout.engine, reward_cfg=c.reward, seed=c.eval.seed,
+            system_prompt=system_prompt(c), blank_tool_images=c.eval.blank_tool_images)
         result["checkpoint"] = path
         print_table(result)
         with open(os.path.join(run_dir, "eval.json"), "w") as f:

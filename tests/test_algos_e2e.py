@@ -7,7 +7,6 @@ import math
 import pytest
 
 from mmagent_rl.algos.mapo import MAPOConfig
-from mmagent_rl.config import ClipConfig
 from mmagent_rl.data.synthetic import COLOR_RGB, SyntheticConfig, SyntheticDataset
 from mmagent_rl.reward.worker import RewardScorer
 from mmagent_rl.tools.zoom import zoom
@@ -35,7 +34,7 @@ def _traj(ex, label):
 @pytest.mark.parametrize("target_size", [(20, 32), (8, 12)])  # default split, testbed
 def test_reward_actor_alignment_prefers_the_true_description_on_heldout_crops(target_size):
     # label mode: the test's descriptions ride on the calls' labels
-    scorer = RewardScorer(clip=ClipConfig(), mapo=MAPOConfig(description="label"))
+    scorer = RewardScorer(alignment=MAPOConfig(description="label"))
     ds = SyntheticDataset(SyntheticConfig(target_size=target_size), seed=0, size=30,
                           split="test")
     true, wrong = [], []

@@ -33,21 +33,29 @@ class Score:
 
 
 class RewardScorer:
-    def __init__(self, fn: str = "mmagent_rl.reward.task:default_reward",
-                 match_mode: str = "exact", format_weight: float = 0.0,
-                 clip=None, mapo=None, torch_threads: int = 1):
+    """``cfg``: the reward section (``fn``, ``match_mode``, ``format_weight``, ``clip``;
+    default: RewardConfig()). ``alignment``: the algorithm's alignment settings
+    (``description``, ``max_words``: MAPO's ``alignment()`` hook), or None: no CLIP, no
+    alignment scores."""
+
+    def __init__(self, cfg=None, alignment=None, torch_threads: int = 1):
         import torch
 
+        if cfg is None:
+            from mmagent_rl.config import RewardConfig
+
+            cfg = RewardConfig()
         torch.set_num_threads(torch_threads)
-        self.fn = load_reward_fn(fn)
-        self.kwargs = {"match_mode": match_mode, "format_weight": format_weight}
-        self.mapo = mapo
+        self.fn = load_reward_fn(cfg.fn)
+        self.kwargs = {"match_mode": cfg.match_mode, "format_weight": cfg.format_weight}
+        self.mapo = alignment
         self.clip = None
-        if clip is not None and mapo is not None:
+        if alignment is not None:
             from mmagent_rl.reward.clip_model import ClipScorer
 
-            self.clip = ClipScorer(clip.arch, clip.checkpoint, clip.device, clip.batch_size,
-                                   mapo.max_words)
+            c = cfg.clip
+            self.clip = ClipScorer(c.arch, c.checkpoint, c.device, c.batch_size,
+                                   alignment.max_words)
 
     def scores(self, trajs: list[Trajectory]) -> tuple[list[Score], dict]:
         """One Score per trajectory, and additive metrics (alignment pairs and time)."""
