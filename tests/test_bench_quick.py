@@ -52,7 +52,7 @@ def _problems(bench: str, p: subprocess.CompletedProcess) -> list[str]:
     if bench == "chaos" and not (last["completed"] and last["faults_injected"] == 2
                                  and last["identical_to_clean"]):
         bad.append(f"chaos: {last}")
-    if bench == "soak" and not (last["fit_steps"] == 4 and last["processes"]):
+    if bench == "soak" and not (last["steps"] == 4 and last["processes"]):
         bad.append(f"soak: {last}")
     if bench == "weight_sync" and last["failed_sizes"] != {}:
         bad.append(f"weight_sync failed sizes: {last['failed_sizes']}")
