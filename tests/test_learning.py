@@ -66,17 +66,22 @@ def test_eval_inside_training_matches_the_eval_cli_and_leaves_training_alone(tmp
 @pytest.mark.slow
 def test_rl_moves_a_reward_the_agent_can_learn(tmp_path):
     """Reward 1 only for answering "red": the share of red answers must rise clearly
-    between the first and the last steps. Broken gradients or a broken weight sync
-    (the engine keeps sampling the starting policy) leave it flat."""
+    above the first two steps' (sampled from the starting policy and after one update).
+    Broken gradients or a broken weight sync (the engine keeps sampling the starting
+    policy) leave it flat. The best later step is compared, not the last: at this LR
+    the agent shipped on 2026-12-05 overshoots and falls back within 8 steps
+    (0.03, 0.16, 0.72, 0.50, 0.22, ... in one run)."""
     run = tmp_path / "run"
+    # the same 8 prompts every step (data.train_size=8): which colours a batch holds
+    # would otherwise move the red share more than 8 steps of learning can
     p = launch([*SMALL, "trainer.total_steps=8", "trainer.prompts_per_step=8",
-                "learner.lr=1e-3", "reward.fn=reward_plugins:red_answer_reward",
+                "data.train_size=8", "learner.lr=1e-3",
+                "reward.fn=reward_plugins:red_answer_reward",
                 "trainer.save_final=false", f"hydra.run.dir={run}"])
     assert p.returncode == 0, p.stderr[-4000:]
     r = [row["reward/mean"] for row in _rows(run)]
-    first, last = sum(r[:3]) / 3, sum(r[-3:]) / 3
-    # 96 trajectories on each side: a flat policy's difference has a std of about 0.06
-    assert last > first + 0.3, r
+    start, best = sum(r[:2]) / 2, max(r[2:])
+    assert best > start + 0.3, r  # with learner.lr=0 this fails
 
 
 def _image_hash(ex) -> str:
