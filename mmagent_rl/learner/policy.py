@@ -27,6 +27,17 @@ def enable_gradient_checkpointing(model) -> None:
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
+def _hidden_states(model, batch: Batch):
+    """The LM's last hidden states, positions passed explicitly (``batch.position_ids``,
+    computed as the engine does) so the model never falls back to 1-D positions."""
+    return model.model(
+        input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+        position_ids=batch.position_ids, pixel_values=batch.pixel_values,
+        image_grid_thw=batch.image_grid_thw, mm_token_type_ids=batch.mm_token_type_ids,
+        use_cache=False,
+    ).last_hidden_state
+
+
 def token_logprobs(model, batch: Batch, *, temperature: float = 1.0,
                    banned_ids: list[int] | None = None, with_entropy: bool = False,
                    chunk: int = 1024):
@@ -35,13 +46,7 @@ def token_logprobs(model, batch: Batch, *, temperature: float = 1.0,
     Positions are passed explicitly (``batch.position_ids``, computed like the engine
     does) so the model never falls back to 1-D positions. The vocabulary projection is
     done in chunks of the sequence to bound the [B, T, V] logits memory."""
-    out = model.model(
-        input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-        position_ids=batch.position_ids, pixel_values=batch.pixel_values,
-        image_grid_thw=batch.image_grid_thw, mm_token_type_ids=batch.mm_token_type_ids,
-        use_cache=False,
-    )
-    hidden = out.last_hidden_state[:, :-1]
+    hidden = _hidden_states(model, batch)[:, :-1]
     lps, ents = [], []
     for s in range(0, hidden.shape[1], chunk):
         logits = model.lm_head(hidden[:, s:s + chunk]).float()
@@ -61,14 +66,8 @@ def trained_position_logits(model, batch: Batch, *, banned_ids: list[int] | None
     """The logits at the positions whose target is trained (``batch.loss_mask`` > 0), in
     row-major order, and those targets: [N, V], [N]. The LM head runs on these positions
     only (for SFT; it is ~30% of a tiny model's compute over the whole sequence)."""
-    out = model.model(
-        input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-        position_ids=batch.position_ids, pixel_values=batch.pixel_values,
-        image_grid_thw=batch.image_grid_thw, mm_token_type_ids=batch.mm_token_type_ids,
-        use_cache=False,
-    )
     keep = batch.loss_mask > 0
-    logits = model.lm_head(out.last_hidden_state[:, :-1][keep]).float()
+    logits = model.lm_head(_hidden_states(model, batch)[:, :-1][keep]).float()
     if banned_ids:  # the same logit bias as the engine and token_logprobs
         logits[:, banned_ids] += BANNED_LOGIT_BIAS
     return logits, batch.targets[keep]
