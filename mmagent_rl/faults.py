@@ -28,6 +28,11 @@ class ActorGaveUp(RuntimeError):
     """A rollout or reward actor died more often than it may be restarted."""
 
 
+class SyncFailed(ActorGaveUp):
+    """A weight push failed twice (refused or broken): the engines keep serving the
+    previous weights, so the run stops rather than train on stale rollouts."""
+
+
 def actor_errors() -> tuple[type, ...]:
     import ray
 

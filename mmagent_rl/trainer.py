@@ -5,7 +5,8 @@ reaches into an actor (weight sync too: ``Learner.export_weight_refs`` then
 ``RolloutWorker.load_weight_refs``). What differs between algorithms is behind
 the hooks of ``self.algorithm`` (mmagent_rl/algos/registry.py): no name is tested here.
 The rest lives in mixins: ``Actors`` (cluster.py: start-up, fault-tolerant calls, weight
-sync, save), ``Checkpointing`` (checkpoint.py: save and resume), ``HeldOutEval`` (eval.py).
+sync, save), ``Checkpointing`` (checkpoint.py: save and resume), ``HeldOutEval`` (eval.py),
+``RolloutsAhead`` (ahead.py: rollouts generated while the learners train).
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import time
 from omegaconf import OmegaConf
 
 from mmagent_rl import algos
+from mmagent_rl.ahead import RolloutsAhead
 from mmagent_rl.checkpoint import Checkpointing
 from mmagent_rl.cluster import Actors, shard_for_learners, start_ray
 from mmagent_rl.config import Config, check_resources, validate
@@ -31,7 +33,7 @@ from mmagent_rl.trajectory import Trajectory, group_by_prompt
 log = logging.getLogger(__name__)
 
 
-class Trainer(Actors, Checkpointing, HeldOutEval):
+class Trainer(Actors, Checkpointing, HeldOutEval, RolloutsAhead):
     _logged_step: int | None = None  # the last step written to metrics.jsonl (this process)
 
     def __init__(self, cfg: Config, run_dir: str):
@@ -56,6 +58,7 @@ class Trainer(Actors, Checkpointing, HeldOutEval):
                              "(data.eval_size, or the rows of data.eval_path)")
         self.collapse = ToolCollapseWatch(cfg.trainer.tool_collapse_floor)
         self.algorithm = algos.build(cfg.algo)
+        self._init_ahead()
         # per step (reset by train_step): the step's prompts by id (AXPO continues from
         # them) and the reward actor's additive metrics, summed over its calls
         self._step_examples: dict = {}
@@ -78,10 +81,14 @@ class Trainer(Actors, Checkpointing, HeldOutEval):
             self._resume(resume)
 
     # ---- one step ------------------------------------------------------------------
-    def _next_examples(self, count: int):
+    def _draw_examples(self, count: int):
         n = len(self.dataset)
         out = [self.dataset[(self.data_pos + i) % n] for i in range(count)]
         self.data_pos += count
+        return out
+
+    def _next_examples(self, count: int):
+        out = self._draw_examples(count)
         self._step_examples.update((ex.id, ex) for ex in out)
         return out
 
@@ -91,12 +98,7 @@ class Trainer(Actors, Checkpointing, HeldOutEval):
         chunks = [examples[i::R] for i in range(R)]
         parts = self._on_rollouts([(i, lambda w, ch=ch: w.generate.remote(ch, n, seed))
                                    for i, ch in enumerate(chunks) if ch])
-        trajs = [t for p in parts for t in p]
-        stale = {t.weights_version for t in trajs} - {self.step}
-        if stale:  # e.g. a restarted engine that did not get the current weights
-            raise RuntimeError(f"step {self.step + 1}: rollouts from weights version(s) "
-                               f"{sorted(stale)}, expected {self.step}; not training on them")
-        return trajs
+        return [t for p in parts for t in p]
 
     def _sample_groups(self, step_seed: int) -> tuple[list[Trajectory], dict, dict]:
         """B groups; with dynamic sampling (DAPO), groups whose rewards are all equal are
@@ -111,8 +113,15 @@ class Trainer(Actors, Checkpointing, HeldOutEval):
             if need <= 0:
                 break
             t0 = time.perf_counter()
-            trajs = self._rollout(self._next_examples(need), step_seed + 7919 * r)
-            times["time/generate"] += time.perf_counter() - t0
+            if r == 0 and self.off_policy_steps:  # generated ahead (ahead.py)
+                examples, trajs, wait_s, gen_s = self._take_ahead()
+                self._step_examples.update((ex.id, ex) for ex in examples)
+                times["time/generate"] += wait_s
+                times["time/generate_ahead"] = gen_s
+            else:
+                trajs = self._rollout(self._next_examples(need), step_seed + 7919 * r)
+                times["time/generate"] += time.perf_counter() - t0
+            self.check_versions(trajs)
             t0 = time.perf_counter()
             trajs = self._score(trajs)
             times["time/score"] += time.perf_counter() - t0
@@ -133,6 +142,7 @@ class Trainer(Actors, Checkpointing, HeldOutEval):
         t_start = time.perf_counter()
         self._step_examples, self._reward_metrics = {}, {}
         trajs, times, extra = self._sample_groups(c.trainer.seed * 100003 + step)
+        extra.update(self.staleness_metrics(trajs))  # against this step's version
         self.last_trajectories = trajs  # for benchmarks and debugging
         adv, algo_metrics = self.algorithm.advantages(trajs)
         extra.update(algo_metrics)
@@ -147,18 +157,20 @@ class Trainer(Actors, Checkpointing, HeldOutEval):
         shards = shard_for_learners(batch, len(self.learners))
         # Normalised by the ordinary batch: AXPO's extra continuations never shrink the
         # weight of an ordinary rollout (docs/algorithms.md: ordinary rollouts keep 1/G).
-        per_rank = self._learners_get([lr.train_step.remote(s, num_tokens, num_seqs)
-                                       for lr, s in zip(self.learners, shards)])
+        version = self.step if self.off_policy_steps else None  # None: all on-policy
+        per_rank = self._learners_get([
+            lr.train_step.remote(s, num_tokens, num_seqs, policy_version=version)
+            for lr, s in zip(self.learners, shards)])
         learn = finalize_metrics(per_rank)
         t_learn = time.perf_counter() - t0
         extra.update(self._reward_metrics)
         extra.update(self.algorithm.after_learn({**learn, **extra}, step + 1))
 
         t0 = time.perf_counter()
-        self.sync_weights(step + 1)
+        with self.weights_lock:  # a restore in the background waits (ahead.py)
+            self.sync_weights(step + 1)
+            self.step += 1
         t_sync = time.perf_counter() - t0
-
-        self.step += 1
         total = time.perf_counter() - t_start
         gen_tokens = sum(t.num_generated for t in batch)
         m = {"step": self.step, **learn, **rollout_metrics(trajs), **extra, **times,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-BACKENDS = ("object_store",)
+BACKENDS = ("object_store", "transfer")
 _WIRE_VIEW = {torch.bfloat16: torch.int16, torch.float16: torch.int16}
 
 
@@ -77,3 +77,54 @@ def load_buckets(engine, refs: list) -> None:
     # arrays are zero-copy views of the shared store, turned into tensors bucket by bucket.
     arrays = ray.get(list(refs))
     engine.load_weights_bucketed(lambda i: from_wire(arrays[i]), len(refs))
+
+
+class WeightPushError(ValueError):
+    """A weight push that would break the engine; nothing was loaded."""
+
+
+def _all_finite(t) -> bool:
+    """Exact, and one read pass in the common case: a finite sum means every value is
+    finite; a non-finite sum (a NaN/inf, or an overflowing sum) is checked element-wise."""
+    if not t.is_floating_point():
+        return True
+    if bool(torch.isfinite(t.sum())):
+        return True
+    return bool(torch.isfinite(t).all())
+
+
+def check_complete(names: list[str], expected: dict[str, tuple[int, ...]]) -> None:
+    """A complete push (every name of one sync, over all its buckets) names every
+    checkpoint parameter exactly once: a left-out parameter would silently keep its old
+    value in the engine (the rollout policy would no longer be the learner's)."""
+    seen: set[str] = set()
+    dup = sorted({n for n in names if n in seen or seen.add(n)})
+    missing = sorted(set(expected) - seen)
+    bad = []
+    if missing:
+        bad.append(f"{len(missing)} parameters missing from a full push: "
+                   + ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else ""))
+    if dup:
+        bad.append(f"{len(dup)} parameters pushed twice: " + ", ".join(dup[:5]))
+    if bad:
+        raise WeightPushError("weight push refused: " + "; ".join(bad))
+
+
+def validate_push(named: list[tuple[str, object]], expected: dict[str, tuple[int, ...]],
+                  complete: bool = False) -> None:
+    """Refuse unknown names, wrong shapes and non-finite values before touching vLLM:
+    a failed reload leaves the engine dead. ``complete``: ``named`` is a whole push,
+    which must also name every expected parameter (:func:`check_complete`); a bucket of
+    a push is validated with ``complete=False`` and the push's names checked at the end."""
+    if complete:
+        check_complete([name for name, _ in named], expected)
+    bad = []
+    for name, t in named:
+        if name not in expected:
+            bad.append(f"unknown parameter {name!r}")
+        elif tuple(t.shape) != expected[name]:
+            bad.append(f"{name}: shape {tuple(t.shape)} != {expected[name]}")
+        elif not _all_finite(t):
+            bad.append(f"{name}: non-finite values")
+    if bad:
+        raise WeightPushError(f"weight push refused ({len(bad)} problems): " + "; ".join(bad[:5]))

@@ -81,7 +81,7 @@ E2E_MODULES = {"test_launch", "test_resume", "test_faults", "test_restarts", "te
                "test_cluster", "test_learning", "test_soak", "test_zero3", "test_guards",
                "test_logging", "test_sft", "test_embedded", "test_axpo_e2e",
                "test_algos_e2e", "test_papo_step", "test_docker"}
-INTEGRATION_MODULES = {"test_engine_learner", "test_bench_smoke", "test_clip_model",
+INTEGRATION_MODULES = {"test_engine_learner", "test_bench_smoke", "test_clip_model", "test_transfer",
                        "test_report", "test_configs", "test_fuzz"}
 HEAVY_FIXTURES = {"engine", "tiny_model_path", "chat", "ray_session", "embedded_path"}
 UNIT_TIMEOUT_S = 30

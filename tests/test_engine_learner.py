@@ -264,3 +264,37 @@ def test_many_concurrent_multimodal_rollouts_do_not_crash_the_engine(engine, cha
     loop = AgentLoop(engine, chat, AgentConfig(max_new_tokens=8, max_turns=2))
     trajs = loop.run(examples, n=5, seed=0)
     assert len(trajs) == 40 and all(t.num_generated > 0 for t in trajs)
+
+
+def test_a_repeated_image_is_encoded_once_with_the_same_logprobs_and_gradient(
+        engine, chat, policy, examples):
+    """The samples of a group share their prompt's image: the vision tower sees it once
+    (learner/policy._hidden_states); log-probs and gradients equal encoding every copy."""
+    import dataclasses
+
+    loop = AgentLoop(engine, chat, AgentConfig(max_new_tokens=12, max_turns=2))
+    trajs = loop.run(examples[:2], n=3, seed=9)
+    batch = collate(trajs, chat.image_processor, chat.image_token_id, chat.pad_id)
+    assert batch.distinct_images is not None and len(batch.distinct_images[2]) >= 6
+    every = dataclasses.replace(batch, distinct_images=None)
+    patches = []
+    hook = policy.model.visual.register_forward_hook(
+        lambda m, args, out: patches.append(args[0].shape[0]))
+    try:
+        grads = []
+        for b in (batch, every):
+            policy.zero_grad(set_to_none=True)
+            lp, _ = token_logprobs(policy, b, banned_ids=chat.banned_ids)
+            (lp * b.loss_mask).sum().backward()
+            grads.append({n: p.grad.clone() for n, p in policy.named_parameters()
+                          if p.grad is not None and "visual" in n})
+            grads[-1]["lp"] = lp.detach()
+    finally:
+        hook.remove()
+        policy.zero_grad(set_to_none=True)
+    assert patches[0] == batch.distinct_images[0].shape[0] < patches[1] == \
+        batch.pixel_values.shape[0]
+    assert (grads[0]["lp"] - grads[1]["lp"]).abs().max() < 1e-5
+    for n, g in grads[1].items():
+        if n != "lp":
+            assert torch.allclose(grads[0][n], g, atol=1e-5, rtol=1e-4), n

@@ -2,6 +2,10 @@
 actors' processes by their Ray process titles (``ray::RolloutWorker.generate`` while
 generating) and SIGKILLs them mid-step.
 
+The runs push weights with ``sync.backend=transfer`` (vLLM's weight-transfer protocol,
+mmagent_rl/transfer.py): a restarted engine joins a reopened channel. The object-store
+backend is what every other end-to-end test runs.
+
 Every run samples with per-request seeds, so a step retried after a fault must
 reproduce the uninterrupted run exactly: same prompts, same trajectories, same loss.
 """
@@ -22,7 +26,8 @@ ARGS = ["+algo=grpo", "model=tiny", f"trainer.total_steps={STEPS}",
         f"trainer.prompts_per_step={PROMPTS}", f"rollout.n={N}",
         "rollout.agent.max_new_tokens=24", "rollout.agent.seeded_requests=true",
         "trainer.progress=false", "reward.fn=reward_plugins:shortness_reward",
-        "learner.lr=1e-3", "learner.micro_batch_size=2", "trainer.save_final=false"]
+        "learner.lr=1e-3", "learner.micro_batch_size=2", "trainer.save_final=false",
+        "sync.backend=transfer"]
 
 
 def _start(args: list[str]) -> subprocess.Popen:
@@ -127,3 +132,30 @@ def test_killed_learner_stops_cleanly_and_resume_auto_continues(tmp_path, clean_
     rows = _rows(run)
     _check_counts(rows)  # steps 3 and 4 trained once, on the learners' restored counters
     _same_as_clean(rows, clean_rows)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1500)
+def test_a_rollout_actor_killed_while_generating_ahead_is_restarted(tmp_path):
+    """trainer.off_policy_steps=1: the rollout worker is killed while it generates the
+    next step's rollouts in the background (the learners train meanwhile); it is
+    restarted, given the current weights, and its share retried, as in the synchronous
+    loop. The retried share is sampled by newer weights (ahead.py), so the run is not
+    compared with the clean one; no rollout is more than 1 version old."""
+    run = tmp_path / "run"
+    p = _start([f"hydra.run.dir={run}", "trainer.off_policy_steps=1"])
+    _kill_when(p, run, after_rows=1, busy="ray::RolloutWorker.generate")
+    rc, out = _finish(p)
+    assert rc == 0, out[-4000:]
+    rows = _rows(run)
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    assert [r["samples"] for r in rows] == [PROMPTS * N] * STEPS
+    assert [r["learner/samples_total"] for r in rows] == [
+        PROMPTS * N * s for s in range(1, STEPS + 1)]
+    # the prompts of the step ahead are drawn a step early, none past the last step
+    assert [r["data/position"] for r in rows] == [PROMPTS * min(s + 1, STEPS)
+                                                  for s in range(1, STEPS + 1)]
+    assert rows[-1]["faults/rollout_restarts"] == 1 and rows[-1]["faults/retried_calls"] >= 1
+    assert "rollout actor 0 died" in out
+    assert max(r["offpolicy/staleness_max"] for r in rows) <= 1
+    assert max(r["rollout/logprob_diff"] for r in rows[:1]) < 1e-4  # step 1: fresh

@@ -52,6 +52,7 @@ def _bare_trainer(tmp_path, skips: list[int], limit: int = 3, total: int = 10):
     t = object.__new__(Trainer)
     t.cfg, t.run_dir, t.step, t.stop_reason, t.exit_status = cfg, str(tmp_path), 0, None, 0
     t.nonfinite = NonfiniteGuard(limit)
+    t._init_ahead()
     t.saved = []
     t.save = t.saved.append
 

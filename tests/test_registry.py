@@ -108,7 +108,8 @@ def test_algo_config_pickles_by_name():
 
 WINGS = ("rollout", "reward", "learner", "data")
 # below the wings: what any of them may import (docs/design.md, "Imports across the wings")
-SHARED = ("trajectory", "example", "chat", "wire", "tools", "config", "algos", "checkpoint")
+SHARED = ("trajectory", "example", "chat", "wire", "transfer", "tools", "config", "algos",
+          "checkpoint")
 
 
 def _imports_of(path: pathlib.Path) -> set[str]:

@@ -110,14 +110,26 @@ def _rows(run):
 
 @pytest.mark.slow
 @pytest.mark.timeout(2400)
-@pytest.mark.parametrize("zero_stage", [2, 3])
-def test_resume_is_exact(tmp_path, zero_stage):
-    run_args = RUN + [f"learner.zero_stage={zero_stage}"]
+@pytest.mark.parametrize("zero_stage, ahead", [(2, 0), (3, 0), (2, 1)],
+                         ids=["2", "3", "2-off_policy_1"])
+def test_resume_is_exact(tmp_path, zero_stage, ahead):
+    """``ahead`` = trainer.off_policy_steps: with 1, step s+1's rollouts are generated
+    while step s trains; the checkpoint carries them, so the resume is exact too."""
+    run_args = RUN + [f"learner.zero_stage={zero_stage}", f"trainer.off_policy_steps={ahead}"]
     full = tmp_path / "full"
     p = launch(run_args + [f"hydra.run.dir={full}"], timeout=1200)
     assert p.returncode == 0, p.stderr[-4000:]
     ref = _rows(full)
     assert [r["step"] for r in ref] == [1, 2, 3, 4]
+    if ahead:  # step 1 is sampled by version 0 (fresh); each later step's by the one before
+        assert [r["offpolicy/staleness_max"] for r in ref] == [0, 1, 1, 1]
+        assert [r["offpolicy/staleness_mean"] for r in ref] == [0, 1, 1, 1]
+        assert "offpolicy/is_ratio_mean" not in ref[0]  # nothing stale to reweight
+        assert all(r["offpolicy/stale_tokens"] == r["tokens/generated"] for r in ref[1:])
+        assert all(0 < r["offpolicy/is_ratio_mean"] <= r["offpolicy/is_ratio_max"]
+                   for r in ref[1:])
+    else:
+        assert not any(k.startswith("offpolicy/") for r in ref for k in r)
     cks = full / "checkpoints"
     assert sorted(os.listdir(cks)) == ["final", "step_2", "step_4"]
 
@@ -138,7 +150,8 @@ def test_resume_is_exact(tmp_path, zero_stage):
     assert got[1]["time/elapsed"] < got[2]["time/elapsed"] < got[3]["time/elapsed"]
     for a, b in zip(ref[2:], got[2:]):
         assert abs(a["loss"] - b["loss"]) <= 1e-6, (a["loss"], b["loss"])
-        for k in ("grad_norm", "lr", "reward/mean", "tokens/generated", "data/position"):
+        for k in ("grad_norm", "lr", "reward/mean", "tokens/generated", "data/position",
+                  *[k for k in a if k.startswith("offpolicy/")]):
             assert a[k] == b[k], (k, a[k], b[k])
     final_ref = load_file(cks / "final" / "model.safetensors")
     final_got = load_file(part / "checkpoints" / "final" / "model.safetensors")

@@ -56,27 +56,35 @@ class Batch:
     loss_mask: torch.Tensor  # [B, T-1] float
     old_logprobs: torch.Tensor  # [B, T-1]
     advantages: torch.Tensor  # [B, T-1]
+    # when images repeat (a group's samples share their prompt's image): the distinct
+    # images' (pixel_values, image_grid_thw) and, per image slot, its distinct image, so
+    # the vision tower encodes each once (policy._hidden_states); None: all distinct
+    distinct_images: tuple | None = None
 
     @property
     def num_tokens(self) -> int:
         return int(self.loss_mask.sum().item())
 
 
-def preprocess_images(images: list, image_processor) -> tuple[torch.Tensor, torch.Tensor]:
+def preprocess_images(images: list, image_processor, distinct: bool = False):
     """(pixel_values, image_grid_thw) of ``images``, each distinct image object processed
     once: the n rollouts of a prompt share its image object (Ray's pickling keeps the
-    sharing), so a micro-batch holding a group resizes and normalises it once."""
+    sharing), so a micro-batch holding a group resizes and normalises it once.
+    ``distinct``: also return (the distinct images' pixel_values and grid, the index of
+    each image's distinct one), or None when every image is distinct."""
     first: dict[int, int] = {}
     index = [first.setdefault(id(im), len(first)) for im in images]
     unique = list({id(im): im for im in images}.values())
     out = image_processor(images=unique, return_tensors="pt")
     pixel_values, grid = out["pixel_values"], out["image_grid_thw"]
     if len(unique) == len(images):
-        return pixel_values, grid
+        return (pixel_values, grid, None) if distinct else (pixel_values, grid)
     rows = grid.prod(dim=-1).tolist()
     starts = np.cumsum([0] + rows).tolist()
-    pixel_values = torch.cat([pixel_values[starts[i]:starts[i] + rows[i]] for i in index])
-    return pixel_values, grid[index]
+    every = torch.cat([pixel_values[starts[i]:starts[i] + rows[i]] for i in index])
+    if distinct:
+        return every, grid[index], (pixel_values, grid, index)
+    return every, grid[index]
 
 
 def collate(trajs: list[Trajectory], image_processor, image_token_id: int, pad_id: int,
@@ -101,10 +109,11 @@ def collate(trajs: list[Trajectory], image_processor, image_token_id: int, pad_i
         if t.advantages is not None:
             adv[b, :n] = torch.tensor(t.advantages, dtype=torch.float32)
         all_images.extend(images_override[b] if images_override else t.images)
-    pixel_values = grid = None
+    pixel_values = grid = distinct = None
     grids: list = []
     if all_images:
-        pixel_values, grid = preprocess_images(all_images, image_processor)
+        pixel_values, grid, distinct = preprocess_images(all_images, image_processor,
+                                                         distinct=True)
         grids = [tuple(int(v) for v in g) for g in grid]
     k = 0
     merge = image_processor.merge_size
@@ -118,5 +127,5 @@ def collate(trajs: list[Trajectory], image_processor, image_token_id: int, pad_i
         mm_token_type_ids=(ids == image_token_id).long() * attn,
         pixel_values=pixel_values, image_grid_thw=grid,
         targets=ids[:, 1:], loss_mask=mask[:, 1:], old_logprobs=old[:, 1:],
-        advantages=adv[:, 1:],
+        advantages=adv[:, 1:], distinct_images=distinct,
     )

@@ -29,12 +29,24 @@ def enable_gradient_checkpointing(model) -> None:
 
 def _hidden_states(model, batch: Batch):
     """The LM's last hidden states, positions passed explicitly (``batch.position_ids``,
-    computed as the engine does) so the model never falls back to 1-D positions."""
-    return model.model(
+    computed as the engine does) so the model never falls back to 1-D positions. A
+    repeated image (the samples of a group share their prompt's) goes through the vision
+    tower once: its features are reused in every slot (the gradient then sums over the
+    slots, as it would over copies). Models whose image features are more than one
+    tensor per image (Qwen3-VL's deepstack) encode every slot, as before."""
+    inner = model.model
+    kwargs = dict(pixel_values=batch.pixel_values)
+    vision = getattr(inner.config, "vision_config", None)
+    if (batch.distinct_images is not None and hasattr(inner, "get_image_features")
+            and not getattr(vision, "deepstack_visual_indexes", None)):
+        pv, grid, index = batch.distinct_images
+        feats = inner.get_image_features(pv, grid, return_dict=True)
+        feats.pooler_output = tuple(feats.pooler_output[i] for i in index)
+        kwargs = dict(pixel_values=None, mm_encoder_outputs={"image": feats})
+    return inner(
         input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-        position_ids=batch.position_ids, pixel_values=batch.pixel_values,
-        image_grid_thw=batch.image_grid_thw, mm_token_type_ids=batch.mm_token_type_ids,
-        use_cache=False,
+        position_ids=batch.position_ids, image_grid_thw=batch.image_grid_thw,
+        mm_token_type_ids=batch.mm_token_type_ids, use_cache=False, **kwargs,
     ).last_hidden_state
 
 

@@ -14,6 +14,8 @@ from dataclasses import asdict
 import torch
 
 from mmagent_rl import algos
+from mmagent_rl.algos.offpolicy import behaviour_correction
+from mmagent_rl.algos.offpolicy import combine as combine_offpolicy
 from mmagent_rl.config import LearnerConfig, ModelConfig
 from mmagent_rl.learner.batch import collate
 from mmagent_rl.learner.grad_probe import GradProbe, grad_variance
@@ -91,6 +93,9 @@ class Learner:
         self.temperature = temperature
         self.micro_batch_size = micro_batch_size
         self.zero_stage = zero_stage
+        self.is_cap = cfg.off_policy_is_cap
+        self._policy_version: int | None = None
+        self._offpolicy_sums: list[dict] = []
         model = load_policy(model_path, model_cfg.dtype, model_cfg.attn_implementation)
         if model_cfg.gradient_checkpointing:
             enable_gradient_checkpointing(model)
@@ -123,14 +128,17 @@ class Learner:
 
     # ---- training ------------------------------------------------------------------
     def train_step(self, trajs: list[Trajectory], num_tokens: int, num_seqs: int,
-                   objective: str = "rl", lr: float | None = None) -> dict:
+                   objective: str = "rl", lr: float | None = None,
+                   policy_version: int | None = None) -> dict:
         """One optimizer step over this rank's shard. ``num_tokens``/``num_seqs`` are the
         global batch's counts, so the loss is the global token-mean however it is split.
         Every rank must get the same number of trajectories (pad with zero-mask copies).
         ``objective``: "rl" (the algorithm's loss) or "sft" (NLL of masked tokens; the
         result then has ``predictions``: per trajectory, the argmax token at each trained
         position, for the SFT driver's skill probes). ``lr``: this step's learning rate,
-        for schedules the driver decides (the SFT curriculum); None = the scheduler's."""
+        for schedules the driver decides (the SFT curriculum); None = the scheduler's.
+        ``policy_version``: the driver's weights version of this learner; trajectories
+        sampled by an older one get the behaviour correction (algos/offpolicy.py)."""
         from deepspeed.runtime.base_optimizer import ZeROOptimizer
 
         t0 = time.perf_counter()
@@ -140,6 +148,8 @@ class Learner:
         sums: dict[str, float] = {}
         probes: list[list[float]] = []
         predictions: list[list[int]] = []
+        self._offpolicy_sums: list[dict] = []
+        self._policy_version = policy_version
         nonfinite_loss = False
         if lr is not None:
             for group in eng.optimizer.param_groups:
@@ -167,11 +177,13 @@ class Learner:
                 # Every later micro-batch as well (not needed now that ZeRO-3
                 # accumulates every micro-batch, see above; kept as a second line).
                 loss = loss * float("nan")
-            if self.probe is not None and objective == "rl":
-                probes.append(self.probe.sample(loss))
             # DeepSpeed averages gradients over ranks; the loss is already normalised
             # by global counts, so undo the average.
             eng.backward(loss * self.world_size, scale_wrt_gas=False)
+            if self.probe is not None:  # read by a hook during that backward
+                g_m = self.probe.take(self.world_size)
+                if objective == "rl":
+                    probes.append(g_m)
             w = batch.num_tokens
             sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
             for k, v in stats.items():
@@ -191,6 +203,7 @@ class Learner:
         sums["grad_probes"] = probes
         if objective == "sft":
             sums["predictions"] = predictions
+        sums["offpolicy"] = self._offpolicy_sums
         # Counters that a checkpoint carries: a step retried or replayed after a fault
         # would show up here (tests check them against the driver's step count).
         sums["learner/steps_total"] = float(self.step_count)
@@ -270,8 +283,14 @@ class Learner:
             with torch.set_grad_enabled(grad):
                 return self._logprobs(self.engine.module, cache["batch"])
 
+        lp_old, adv = batch.old_logprobs, batch.advantages
+        if self._policy_version is not None:  # rollouts by older weights: reweighted
+            stale = torch.tensor([t.weights_version < self._policy_version for t in mb])
+            lp_old, adv, sums = behaviour_correction(lp, lp_old, adv, batch.loss_mask, stale,
+                                                     self.is_cap)
+            self._offpolicy_sums.append(sums)
         return self.algorithm.loss(algos.LossInputs(
-            lp=lp, lp_old=batch.old_logprobs, adv=batch.advantages, mask=batch.loss_mask,
+            lp=lp, lp_old=lp_old, adv=adv, mask=batch.loss_mask,
             lp_ref=lp_ref, num_tokens=num_tokens, num_seqs=num_seqs, step=self.step_count,
             trajs=mb, logprobs_with_images=logprobs_with_images))
 
@@ -290,6 +309,54 @@ class Learner:
 
         return export_buckets(self.engine.module, bucket_mb,
                               gather_zero3=self.zero_stage == 3, rank=self.rank)
+
+    def transfer_connect(self, rollout_handles: list, bucket_mb: float,
+                         timeout_s: float, ranks_per_engine: int = 1) -> None:
+        """``sync.backend=transfer``: open vLLM's weight-transfer channel from this rank
+        (the sender) to those rollout engines (mmagent_rl/transfer.py); a new call
+        replaces the previous channel (other members, or after a failed push)."""
+        import ray
+        from vllm.distributed.weight_transfer import WeightTransferTrainerFactory
+
+        from mmagent_rl import transfer
+        from mmagent_rl.learner.sync import export_hf_state
+
+        transfer.register()
+        self.transfer_close()
+        backend = transfer.transfer_backend()
+        info = transfer.trainer_init_info(
+            backend, address=ray.util.get_node_ip_address(), port=transfer.free_port(),
+            world_size=1 + ranks_per_engine * len(rollout_handles), bucket_mb=bucket_mb,
+            timeout_s=timeout_s)
+        source = transfer.NamedSource(
+            lambda: export_hf_state(self.engine.module, clone=False))
+        self._transfer = WeightTransferTrainerFactory.trainer_init(
+            info, client=transfer.RolloutClient(rollout_handles, timeout_s, ranks_per_engine),
+            source=source)
+
+    def transfer_send(self, version: int) -> int:
+        """Push the current weights through the channel; raises what an engine refused
+        (nothing is loaded anywhere then). Under ZeRO-3 every rank calls it."""
+        from mmagent_rl.learner.sync import export_hf_state
+
+        from mmagent_rl.transfer import NamedSource
+
+        named = None
+        if self.zero_stage == 3:  # the gather is a collective: every rank joins
+            named = export_hf_state(self.engine.module, gather_zero3=True)
+        if self.rank != 0:
+            return version
+        if named is not None:
+            self._transfer.source = NamedSource(lambda: named)
+        self._transfer.version = str(version)
+        self._transfer.send_weights()
+        return version
+
+    def transfer_close(self) -> None:
+        t = getattr(self, "_transfer", None)
+        if t is not None:
+            t.shutdown()
+        self._transfer = None
 
     def weights_checksum(self) -> float:
         return float(sum(p.detach().double().abs().sum() for p in self.engine.module.parameters()))
@@ -365,6 +432,7 @@ def finalize_metrics(per_rank: list[dict]) -> dict:
     if "learner/steps_total" in per_rank[0]:
         out["learner/steps_total"] = per_rank[0]["learner/steps_total"]
         out["learner/samples_total"] = sum(r["learner/samples_total"] for r in per_rank)
+    out.update(combine_offpolicy([p for r in per_rank for p in r.get("offpolicy", [])]))
     out["train/skipped_nonfinite"] = max(r.get("train/skipped_nonfinite", 0.0)
                                          for r in per_rank)
     if not math.isfinite(out["loss"]):

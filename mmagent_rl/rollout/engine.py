@@ -18,6 +18,9 @@ from typing import Optional
 from PIL import Image
 
 from mmagent_rl.chat import pixel_kwargs
+# The push checks live with the wire format; re-exported for callers of the engine.
+from mmagent_rl.wire import (WeightPushError, _all_finite, check_complete,  # noqa: F401
+                             validate_push)
 
 
 @dataclass
@@ -35,6 +38,9 @@ class EngineConfig:
     # equal the learner's (conf/config.yaml sets them from model.min_pixels/max_pixels).
     min_pixels: Optional[int] = None
     max_pixels: Optional[int] = None
+    # vLLM weight-transfer engine to start (sync.backend=transfer sets "auto": nccl on
+    # GPUs, our mmagent_gloo on CPU; mmagent_rl/transfer.py); None: in-place reloads only
+    weight_transfer: Optional[str] = None
     extra: dict = field(default_factory=dict)  # passed to vllm.LLM as is
 
 
@@ -117,61 +123,6 @@ def _patch_cpu_seeded_sampling() -> None:
     CPUModelRunner._mmagent_seeded_patch = True
 
 
-class WeightPushError(ValueError):
-    """A weight push that would break the engine; nothing was loaded."""
-
-
-def _all_finite(t) -> bool:
-    """Exact, and one read pass in the common case: a finite sum means every value is
-    finite; a non-finite sum (a NaN/inf, or an overflowing sum) is checked element-wise."""
-    import torch
-
-    if not t.is_floating_point():
-        return True
-    if bool(torch.isfinite(t.sum())):
-        return True
-    return bool(torch.isfinite(t).all())
-
-
-def check_complete(names: list[str], expected: dict[str, tuple[int, ...]]) -> None:
-    """A complete push (every name of one sync, over all its buckets) names every
-    checkpoint parameter exactly once: a left-out parameter would silently keep its old
-    value in the engine (the rollout policy would no longer be the learner's)."""
-    seen: set[str] = set()
-    dup = sorted({n for n in names if n in seen or seen.add(n)})
-    missing = sorted(set(expected) - seen)
-    bad = []
-    if missing:
-        bad.append(f"{len(missing)} parameters missing from a full push: "
-                   + ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else ""))
-    if dup:
-        bad.append(f"{len(dup)} parameters pushed twice: " + ", ".join(dup[:5]))
-    if bad:
-        raise WeightPushError("weight push refused: " + "; ".join(bad))
-
-
-def validate_push(named: list[tuple[str, object]], expected: dict[str, tuple[int, ...]],
-                  complete: bool = False) -> None:
-    """Refuse unknown names, wrong shapes and non-finite values before touching vLLM:
-    a failed reload leaves the engine dead. ``complete``: ``named`` is a whole push,
-    which must also name every expected parameter (:func:`check_complete`); a bucket of
-    a push is validated with ``complete=False`` and the push's names checked at the end."""
-    import torch
-
-    if complete:
-        check_complete([name for name, _ in named], expected)
-    bad = []
-    for name, t in named:
-        if name not in expected:
-            bad.append(f"unknown parameter {name!r}")
-        elif tuple(t.shape) != expected[name]:
-            bad.append(f"{name}: shape {tuple(t.shape)} != {expected[name]}")
-        elif not _all_finite(t):
-            bad.append(f"{name}: non-finite values")
-    if bad:
-        raise WeightPushError(f"weight push refused ({len(bad)} problems): " + "; ".join(bad[:5]))
-
-
 def _tie_lm_heads(worker) -> int:
     """Runs in vLLM's worker: point every LM head back at its input embedding. vLLM's
     in-place reload gives the embedding a new tensor but restores the tied head's old
@@ -209,6 +160,9 @@ def _set_rng_state(worker, state) -> None:
         torch.cuda.set_rng_state_all(cuda)
 
 
+log = logging.getLogger(__name__)
+
+
 class VLLMEngine:
     def __init__(self, model_path: str, cfg: EngineConfig = EngineConfig()):
         _engine_env()
@@ -226,6 +180,15 @@ class VLLMEngine:
                                  **pixel_kwargs(cfg.min_pixels, cfg.max_pixels)}
         if self.processor_kwargs:
             extra["mm_processor_kwargs"] = dict(self.processor_kwargs)
+        if cfg.weight_transfer:
+            from vllm.config import WeightTransferConfig
+
+            from mmagent_rl import transfer
+
+            transfer.register()
+            backend = (transfer.transfer_backend() if cfg.weight_transfer == "auto"
+                       else cfg.weight_transfer)
+            extra["weight_transfer_config"] = WeightTransferConfig(backend=backend)
         self.llm = LLM(
             model=self.model_path, dtype=cfg.dtype, enforce_eager=cfg.enforce_eager,
             max_model_len=cfg.max_model_len, seed=cfg.seed,
@@ -284,10 +247,11 @@ class VLLMEngine:
 
         named = from_wire(named)
         validate_push(named, self.expected_shapes, complete=True)
-        self.llm.collective_rpc(
-            "reload_weights",
-            kwargs={"weights_iterator": list(named), "is_checkpoint_format": True},
-        )
+        with self._reload_log():
+            self.llm.collective_rpc(
+                "reload_weights",
+                kwargs={"weights_iterator": list(named), "is_checkpoint_format": True},
+            )
         self._after_reload()
 
     def load_weights_bucketed(self, fetch, num_buckets: int) -> None:
@@ -312,11 +276,59 @@ class VLLMEngine:
                 yield from from_wire(fetch(i))
 
         weights = stream() if self.cfg.tensor_parallel_size == 1 else list(stream())
-        self.llm.collective_rpc(
-            "reload_weights",
-            kwargs={"weights_iterator": weights, "is_checkpoint_format": True},
-        )
+        with self._reload_log():
+            self.llm.collective_rpc(
+                "reload_weights",
+                kwargs={"weights_iterator": weights, "is_checkpoint_format": True},
+            )
         self._after_reload()
+
+    # ---- vLLM's weight-transfer protocol (sync.backend=transfer, mmagent_rl/transfer.py)
+    def init_weight_transfer(self, init_info: dict) -> None:
+        info = {**init_info, "expected_shapes": {k: list(v) for k, v in
+                                                 self.expected_shapes.items()}}
+        self.llm.init_weight_transfer_engine({"init_info": info})
+
+    def start_weight_update(self) -> None:
+        self.llm.start_weight_update()
+
+    def update_weights(self, update_info: dict) -> None:
+        """Receive a push; a refused one (``WeightPushError``) or a broken one (the
+        sender died: the group times out) raises, and the model is untouched."""
+        self.llm.update_weights({"update_info": update_info})
+
+    def finish_weight_update(self) -> None:
+        with self._reload_log():
+            self.llm.finish_weight_update()
+        self._after_reload()
+
+    @contextlib.contextmanager
+    def _reload_log(self):
+        """vLLM's in-place reload warns "<Layer>: Failed to load weights" for every layer
+        that has tensors but none in the checkpoint: the rotary embeddings and the image
+        normaliser (tensors built from the config, kept as they were) and a tied LM head
+        (re-tied in ``_after_reload``). A user reads that as a broken sync: those are
+        dropped; any other layer is a real failure, logged as an error naming it."""
+        seen: list[str] = []
+
+        def keep(rec: logging.LogRecord) -> bool:
+            msg = rec.getMessage()
+            if msg.endswith(": Failed to load weights"):
+                seen.append(msg.split(":")[0])
+                return False
+            return True
+
+        logger = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
+        logger.addFilter(keep)
+        try:
+            yield
+        finally:
+            logger.removeFilter(keep)
+        expected = {"FusedMMInputNorm"} | ({"ParallelLMHead"} if self.tied_embeddings else set())
+        bad = sorted({n for n in seen if "Rotary" not in n and n not in expected})
+        if bad:
+            log.error("weight push: layers that got no weights and kept their old ones: %s",
+                      ", ".join(bad))
 
     @functools.cached_property
     def tied_embeddings(self) -> bool:

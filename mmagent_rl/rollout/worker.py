@@ -56,7 +56,10 @@ class RolloutWorker:
 
     def continue_from(self, prefixes: list[Trajectory], examples: list[Example], k: int,
                       seed: int) -> list[Trajectory]:
-        return self.loop.continue_from(prefixes, examples, k, seed)
+        trajs = self.loop.continue_from(prefixes, examples, k, seed)
+        for t in trajs:
+            t.weights_version = self.weights_version
+        return trajs
 
     def load_weights(self, named: list, version: int) -> int:
         self.engine.load_weights(named)
@@ -71,6 +74,23 @@ class RolloutWorker:
         load_buckets(self.engine, refs)
         self.weights_version = version
         return version
+
+    # vLLM's weight-transfer control plane (sync.backend=transfer): the trainer's
+    # client (mmagent_rl/transfer.RolloutClient) calls these; the data comes over the
+    # transfer engine's own channel.
+    def init_weight_transfer_engine(self, init_info: dict) -> None:
+        self.engine.init_weight_transfer(init_info)
+
+    def start_weight_update(self) -> None:
+        self.engine.start_weight_update()
+
+    def update_weights(self, update_info: dict) -> None:
+        self.engine.update_weights(update_info)
+
+    def finish_weight_update(self, weight_version: str | None = None) -> None:
+        self.engine.finish_weight_update()
+        if weight_version is not None:
+            self.weights_version = int(weight_version)
 
     def ping(self) -> bool:
         return True
