@@ -210,23 +210,8 @@ class Actors:
                                  f"engines still serve version {version - 1}: {msg}") from err
             log.warning("weight push to version %d failed (%s); waiting for the engines, "
                         "reopening the channel and retrying once", version, msg)
-            self._wait_for_rollouts(workers)
-
-    def _wait_for_rollouts(self, workers: list[int]) -> None:
-        """Until every one of those engines answers (a restarted one is back), at most
-        ``trainer.actor_restart_timeout_s``; the caller's retry reports what is wrong."""
-        import time
-
-        import ray
-
-        deadline = time.monotonic() + self.cfg.trainer.actor_restart_timeout_s
-        while time.monotonic() < deadline:
-            try:
-                ray.get([self.rollouts[i].ping.remote() for i in workers],
-                        timeout=max(1.0, deadline - time.monotonic()))
-                return
-            except Exception:  # noqa: BLE001 - unavailable while it restarts
-                time.sleep(1.0)
+            for i in workers:  # a restarting engine: the retry must reach it back
+                self.faults.wait_alive(self.rollouts[i], f"rollout actor {i}")
 
     def save(self, path: str) -> str:
         """Atomic: written to a temporary folder, renamed when complete."""

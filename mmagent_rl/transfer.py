@@ -24,6 +24,7 @@ giving each engine its own rank in the group.
 from __future__ import annotations
 
 import logging
+import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
@@ -74,10 +75,26 @@ def _group(host: str, port: int, rank: int, world_size: int, timeout_s: float):
         host, port, rank, world_size, "gloo", timeout=timedelta(seconds=timeout_s))
 
 
+def _destroy(group) -> None:
+    """Release a group (None: nothing to release); a group broken by a failed push may
+    fail to shut down, and is dropped all the same."""
+    if group is not None:
+        from vllm.distributed.utils import stateless_destroy_torch_distributed_process_group
+
+        try:
+            stateless_destroy_torch_distributed_process_group(group)
+        except Exception:  # noqa: BLE001
+            pass
+
+
 def _broadcast(group, buf: torch.Tensor) -> None:
     opts = torch.distributed.BroadcastOptions()
     opts.rootRank = 0
     group.broadcast([buf], opts).wait()
+
+
+def _nbytes(shape, dtype) -> int:
+    return math.prod(shape) * torch.empty((), dtype=dtype).element_size()
 
 
 def _layout(shapes, dtypes) -> tuple[list[int], int]:
@@ -86,10 +103,7 @@ def _layout(shapes, dtypes) -> tuple[list[int], int]:
     for shape, dtype in zip(shapes, dtypes):
         n = -(-n // _ALIGN) * _ALIGN
         offsets.append(n)
-        numel = 1
-        for d in shape:
-            numel *= d
-        n += numel * torch.empty((), dtype=dtype).element_size()
+        n += _nbytes(shape, dtype)
     return offsets, n
 
 
@@ -106,11 +120,7 @@ def unpack(buf: torch.Tensor, shapes, dtypes) -> list[torch.Tensor]:
     offsets, _ = _layout(shapes, dtypes)
     out = []
     for shape, dtype, o in zip(shapes, dtypes, offsets):
-        numel = 1
-        for d in shape:
-            numel *= d
-        nbytes = numel * torch.empty((), dtype=dtype).element_size()
-        out.append(buf[o:o + nbytes].view(dtype).reshape(shape))
+        out.append(buf[o:o + _nbytes(shape, dtype)].view(dtype).reshape(shape))
     return out
 
 
@@ -191,14 +201,8 @@ class GlooWeightTransferEngine(_engine_base()):
         finalize_layerwise_reload(self.model, self.model_config)
 
     def shutdown(self) -> None:
-        if self.group is not None:
-            from vllm.distributed.utils import stateless_destroy_torch_distributed_process_group
-
-            try:
-                stateless_destroy_torch_distributed_process_group(self.group)
-            except Exception:  # noqa: BLE001 - a group broken by a failed push
-                pass
-            self.group = None
+        _destroy(self.group)
+        self.group = None
 
 
 # ---- the trainer side (runs in learner rank 0) --------------------------------------
@@ -343,11 +347,5 @@ class GlooTrainerEngine(_trainer_base()):
         self.client.finish_weight_update(self.version)
 
     def shutdown(self) -> None:
-        if self.group is not None:
-            from vllm.distributed.utils import stateless_destroy_torch_distributed_process_group
-
-            try:
-                stateless_destroy_torch_distributed_process_group(self.group)
-            except Exception:  # noqa: BLE001
-                pass
-            self.group = None
+        _destroy(self.group)
+        self.group = None
