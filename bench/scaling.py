@@ -6,17 +6,19 @@ One real trainer (Ray, vLLM, DeepSpeed, 1 learner, GRPO) on a tiny random Qwen2.
 whose processor keeps up to 896x896 px (``TinySpec(max_pixels=896*896)``), so image
 tokens grow with the input image. Between measurements only the varied knob changes,
 in the same run:
-- group size: ``rollout.n`` = 2, 4, 8 (turns 1, 224 px);
-- turns per trajectory: 1, 2, 4 sampled turns (n = 4, 224 px). A random model rarely
+- group size: ``rollout.n`` = 2, 4, 8, 16 (turns 1, 224 px);
+- turns per trajectory: 1, 2, 4, 8 sampled turns (n = 4, 224 px). A random model rarely
   calls the tool, so inside the rollout actor every sampled turn but the last is
   followed by a scripted zoom call (loss mask 0): the tool runs, its crop is appended,
   and the next turn is sampled on the longer context (``rollout.agent.max_turns`` =
   2 x turns);
-- image resolution: the dataset's images resized to 224, 448, 896 px a side (n = 4,
-  turns 1): 64, 256, 1024 image tokens.
-The seven configurations are measured round-robin, ``--steps`` rounds, and each
-point is the median of its steps. The slope of log(step time) against log(knob) is
-fitted over the three points (1.0 = linear). Last line: one JSON object.
+- image resolution: the dataset's images resized to 112, 224, 448, 896 px a side
+  (n = 4, turns 1): 16, 64, 256, 1024 image tokens.
+The ten configurations (one base, three more points per knob) are measured
+round-robin, ``--steps`` rounds, and each point is the median of its steps. For each
+knob the bench prints every doubling's step-time ratio (2.0 = linear) and the slope of
+log(step time) against log(knob) fitted over the four points (1.0 = linear). Last line:
+one JSON object.
 """
 from __future__ import annotations
 
@@ -77,6 +79,10 @@ class Resized:
                                    target_box=box)
 
 
+KNOBS = {"n": [2, 4, 8, 16], "turns": [1, 2, 4, 8], "side": [112, 224, 448, 896]}
+BASE = {"n": 4, "turns": 1, "side": 224}
+
+
 def sampled_runs(mask) -> int:
     return sum(1 for i, m in enumerate(mask) if m and (i == 0 or not mask[i - 1]))
 
@@ -106,11 +112,11 @@ def main() -> None:
     _, tr = run_steps("grpo", steps=0, warmup=1, prompts=a.prompts, n=4, tokens=a.tokens,
                       run_dir="/tmp/mmagent_bench_scaling",
                       overrides={"model.path": path,
-                                 "rollout.engine.max_images_per_prompt": 9,
-                                 "rollout.agent.max_turns": 8})
+                                 "rollout.engine.max_images_per_prompt": 17,
+                                 "rollout.agent.max_turns": 16})
     base_ds = tr.dataset
 
-    def setup(n=4, turns=1, side=224):
+    def setup(n, turns, side):
         tr.cfg.rollout.n = n
         tr.dataset = Resized(base_ds, side)
         ray.get([w.__ray_call__.remote(force_turns, turns, CALL) for w in tr.rollouts])
@@ -126,10 +132,10 @@ def main() -> None:
 
     # Every configuration once per round, rounds repeated: a slow spell on this shared
     # machine then hits all of them alike.
-    configs = {"base": {}, "n2": {"n": 2}, "n8": {"n": 8}, "t2": {"turns": 2},
-               "t4": {"turns": 4}, "r448": {"side": 448}, "r896": {"side": 896}}
+    configs = {"base": BASE, **{f"{knob}{x}": {**BASE, knob: x}
+                                for knob, xs in KNOBS.items() for x in xs if x != BASE[knob]}}
     rows: dict = {k: [] for k in configs}
-    setup()
+    setup(**BASE)
     tr.train_step()  # warm-up at the forced-turn settings
     for _ in range(a.steps):
         for name, knobs in configs.items():
@@ -137,32 +143,32 @@ def main() -> None:
             m = tr.train_step()
             m["trajs"] = tr.last_trajectories
             rows[name].append(m)
-    pts = {name: record(rows[name], knobs) for name, knobs in configs.items()}
-    results = {"n": [pts["n2"], {**pts["base"], "n": 4}, pts["n8"]],
-               "turns": [{**pts["base"], "turns": 1}, pts["t2"], pts["t4"]],
-               "resolution": [{**pts["base"], "side": 224}, pts["r448"], pts["r896"]]}
     stop(tr)
+    pts = {name: record(rows[name], knobs) for name, knobs in configs.items()}
 
-    slopes = {}
-    for knob, key in (("n", "n"), ("turns", "turns"), ("resolution", "side")):
-        pts = results[knob]
-        xs = [p.get(key, {"n": 4, "turns": 1, "side": 224}[key]) for p in pts]
-        slopes[knob] = {part: round(slope(xs, [p[part] for p in pts]), 3)
+    slopes, doublings, results = {}, {}, {}
+    for knob, xs in KNOBS.items():
+        results[knob] = [pts["base" if x == BASE[knob] else f"{knob}{x}"] for x in xs]
+        pk = results[knob]
+        slopes[knob] = {part: round(slope(xs, [p[part] for p in pk]), 3)
                         for part in ("step_s", "generate_s", "learn_s")}
+        doublings[knob] = [round(q["step_s"] / p["step_s"], 3) for p, q in zip(pk, pk[1:])]
         print(f"\n{knob}:")
-        print(f"  {key:>6} {'step s':>8} {'gen s':>8} {'learn s':>8} {'tokens':>7} "
-              f"{'turns':>6} {'samples':>7}")
-        for x, p in zip(xs, pts):
-            print(f"  {x:>6} {p['step_s']:>8.3f} {p['generate_s']:>8.3f} {p['learn_s']:>8.3f} "
-                  f"{p['tokens_mean']:>7.0f} {p['turns_mean']:>6.2f} {p['samples']:>7}")
-        print(f"  log-log slope: step {slopes[knob]['step_s']}, generate "
-              f"{slopes[knob]['generate_s']}, learn {slopes[knob]['learn_s']}")
+        print(f"  {knob:>6} {'step s':>8} {'x prev':>7} {'gen s':>8} {'learn s':>8} "
+              f"{'tokens':>7} {'turns':>6} {'samples':>7}")
+        for i, (x, p) in enumerate(zip(xs, pk)):
+            ratio = f"{doublings[knob][i - 1]:>7.2f}" if i else f"{'':>7}"
+            print(f"  {x:>6} {p['step_s']:>8.3f} {ratio} {p['generate_s']:>8.3f} "
+                  f"{p['learn_s']:>8.3f} {p['tokens_mean']:>7.0f} {p['turns_mean']:>6.2f} "
+                  f"{p['samples']:>7}")
+        print(f"  log-log slope over {len(xs)} points: step {slopes[knob]['step_s']}, "
+              f"generate {slopes[knob]['generate_s']}, learn {slopes[knob]['learn_s']}")
     print(json.dumps({
         "workload": {"prompts": a.prompts, "max_new_tokens": a.tokens, "steps": a.steps},
         "slope_group_size": slopes["n"]["step_s"], "slope_turns": slopes["turns"]["step_s"],
-        "slope_resolution": slopes["resolution"]["step_s"],
-        "slope_resolution_per_pixel_count": round(slopes["resolution"]["step_s"] / 2, 3),
-        "slopes_by_phase": slopes, "points": results,
+        "slope_resolution": slopes["side"]["step_s"],
+        "slope_resolution_per_pixel_count": round(slopes["side"]["step_s"] / 2, 3),
+        "doubling_ratios": doublings, "slopes_by_phase": slopes, "points": results,
     }))
 
 

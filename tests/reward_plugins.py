@@ -19,3 +19,14 @@ def red_answer_reward(response_text: str, ground_truth: str, **_):
     return float(said_red), {"correct": float(answer is not None
                                               and normalize(answer) == normalize(ground_truth)),
                              "has_answer": float(answer is not None)}
+
+
+def red_is_correct_reward(response_text: str, ground_truth: str, **_):
+    """Only "red" counts as correct: most groups of the shipped agent (which reads the
+    real colour half the time or more) are then all wrong, which is what AXPO's trigger
+    needs (tests/test_axpo_e2e.py)."""
+    from mmagent_rl.reward.task import extract_answer, normalize
+
+    answer = extract_answer(response_text)
+    red = float(answer is not None and normalize(answer) == "red")
+    return red, {"correct": red, "has_answer": float(answer is not None)}
