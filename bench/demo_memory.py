@@ -2,8 +2,10 @@
 
     python bench/demo_memory.py [--steps 5] [--quick]
 
-Runs the ``make demo`` command (``python -m mmagent_rl.launch +algo=grpo``, the default
-config) with ``trainer.total_steps=--steps`` as a child process. A thread samples the
+Runs the ``make demo`` command (``python -m mmagent_rl.launch +algo=grpo`` with the
+Makefile's testbed preset, read from the Makefile's ``TESTBED`` so the two cannot drift)
+with ``trainer.total_steps`` and ``trainer.eval_every`` = ``--steps`` (the held-out
+evals before the first step and after the last, as in the demo) as a child process. A thread samples the
 whole process tree every 0.2 s (the driver, Ray's GCS/raylet/agents, the rollout actor
 with its in-process vLLM engine, the reward actor and both learners are all
 descendants): the sum of RSS, the largest sum seen, and each process's own peak. The
@@ -87,17 +89,25 @@ class Sampler(threading.Thread):
             time.sleep(0.2)
 
 
+def demo_preset() -> list[str]:
+    """The Makefile's TESTBED overrides (what ``make demo`` trains with)."""
+    text = open(os.path.join(REPO, "Makefile")).read().replace("\\\n", " ")
+    line = next(x for x in text.splitlines() if x.startswith("TESTBED :="))
+    return line.split(":=", 1)[1].split()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides")
     a = ap.parse_args()
-    if a.quick:
-        a.steps = 2
+    if a.quick:  # and a small eval set: the figures of a quick run mean nothing
+        a.steps, a.overrides = 2, ["data.eval_size=8", *a.overrides]
     run_dir = f"/tmp/mmagent_bench_demo_{os.getpid()}"
-    cmd = [sys.executable, "-m", "mmagent_rl.launch", "+algo=grpo",
-           f"trainer.total_steps={a.steps}", f"hydra.run.dir={run_dir}", *a.overrides]
+    cmd = [sys.executable, "-m", "mmagent_rl.launch", "+algo=grpo", *demo_preset(),
+           f"trainer.total_steps={a.steps}", f"trainer.eval_every={a.steps}",
+           f"hydra.run.dir={run_dir}", *a.overrides]
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"),
                WANDB_MODE=os.environ.get("WANDB_MODE", "offline"))
     print("running:", " ".join(cmd), flush=True)

@@ -8,6 +8,11 @@ objects of at most ``sync.bucket_mb`` MB.
 """
 from __future__ import annotations
 
+import json
+import os
+import struct
+from pathlib import Path
+
 import numpy as np
 import torch
 
@@ -128,3 +133,16 @@ def validate_push(named: list[tuple[str, object]], expected: dict[str, tuple[int
             bad.append(f"{name}: non-finite values")
     if bad:
         raise WeightPushError(f"weight push refused ({len(bad)} problems): " + "; ".join(bad[:5]))
+
+
+def checkpoint_shapes(model_path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+    """Parameter names and shapes of a safetensors checkpoint, read from the headers."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for f in sorted(Path(model_path).glob("*.safetensors")):
+        with open(f, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(n))
+        for name, info in header.items():
+            if name != "__metadata__":
+                shapes[name] = tuple(info["shape"])
+    return shapes

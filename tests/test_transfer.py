@@ -234,3 +234,25 @@ def test_gpu_backends_build_vllms_own_init_info_and_engine_ranks():
     # what init_weight_transfer_engine sends engine 2 is what vLLM's NCCL engine takes
     NCCLWeightTransferInitInfo(master_address="10.0.0.1", master_port=1, world_size=7,
                                rank_offset=client.rank_offsets[2])
+
+
+def test_gpu_paths_check_the_whole_push_on_the_sender_first(policy, tiny_model_path):
+    """vLLM's NCCL and IPC engines load each chunk as it arrives, so the learner checks
+    the whole push (names, shapes, completeness, finiteness) before sending; the check is
+    the one our gloo engine runs on the receiving side, against the same shapes."""
+    from mmagent_rl import transfer
+    from mmagent_rl.rollout.engine import WeightPushError, checkpoint_shapes
+
+    assert transfer.loads_as_received("nccl") and transfer.loads_as_received("ipc")
+    assert not transfer.loads_as_received(transfer.GLOO)
+    expected = checkpoint_shapes(tiny_model_path)
+    named = export_hf_state(policy)
+    transfer.preflight(named, expected)  # a healthy push passes
+    for bad, match in [
+            (named[:3] + named[4:], "missing"),
+            (named + [("model.not_a_param", torch.zeros(1))], "unknown"),
+            ([(k, v[:-1] if i == 0 else v) for i, (k, v) in enumerate(named)], "shape"),
+            ([(k, torch.full_like(v, float("inf")) if i == 2 else v)
+              for i, (k, v) in enumerate(named)], "non-finite")]:
+        with pytest.raises(WeightPushError, match=match):
+            transfer.preflight(bad, expected)

@@ -53,25 +53,36 @@ def _hidden_states(model, batch: Batch):
 def token_logprobs(model, batch: Batch, *, temperature: float = 1.0,
                    banned_ids: list[int] | None = None, with_entropy: bool = False,
                    chunk: int = 1024):
-    """log pi(target_t) for every position, and optionally the per-token entropy.
+    """log pi(target_t) at every trained position (``batch.loss_mask`` > 0), and
+    optionally the per-token entropy there: [B, T-1] tensors, 0 elsewhere.
 
     Positions are passed explicitly (``batch.position_ids``, computed like the engine
-    does) so the model never falls back to 1-D positions. The vocabulary projection is
-    done in chunks of the sequence to bound the [B, T, V] logits memory."""
-    hidden = _hidden_states(model, batch)[:, :-1]
+    does) so the model never falls back to 1-D positions. The vocabulary projection runs
+    on the trained positions only: the prompt, its image tokens and the tool
+    observations are most of a sequence, never in a loss, and the LM head over them was
+    most of a 100M model's learner step. It runs in chunks of ``chunk`` x B positions to
+    bound the [N, V] logits memory."""
+    keep = batch.loss_mask > 0
+    hidden = _hidden_states(model, batch)[:, :-1][keep]
+    targets = batch.targets[keep]
+    step = chunk * max(1, keep.shape[0])
     lps, ents = [], []
-    for s in range(0, hidden.shape[1], chunk):
-        logits = model.lm_head(hidden[:, s:s + chunk]).float()
+    for s in range(0, hidden.shape[0], step):
+        logits = model.lm_head(hidden[s:s + step]).float()
         if banned_ids:  # the same logit bias the engine sampled with
             logits[..., banned_ids] += BANNED_LOGIT_BIAS
         if temperature != 1.0:
             logits = logits / temperature
         lp = torch.log_softmax(logits, dim=-1)
-        lps.append(lp.gather(-1, batch.targets[:, s:s + chunk, None]).squeeze(-1))
+        lps.append(lp.gather(-1, targets[s:s + step, None]).squeeze(-1))
         if with_entropy:
             ents.append(entropy_from_logits(logits))
-    lp = torch.cat(lps, dim=1)
-    return lp, (torch.cat(ents, dim=1) if with_entropy else None)
+
+    def spread(parts):  # back to [B, T-1], row-major like the boolean index
+        flat = torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
+        return flat.new_zeros(keep.shape).masked_scatter(keep.to(flat.device), flat)
+
+    return spread(lps), (spread(ents) if with_entropy else None)
 
 
 def trained_position_logits(model, batch: Batch, *, banned_ids: list[int] | None = None):

@@ -81,7 +81,8 @@ class Learner:
         lr = cfg.lr if lr is None else lr
         torch.set_num_threads(cfg.torch_threads)
         torch.manual_seed(seed)
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.model_path = rank, world_size, model_path
+        self._preflight_shapes = None
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         _init_distributed(rank, world_size, master_addr, master_port, backend)
         # The same image resizing as the engine's (model.min_pixels / max_pixels).
@@ -320,10 +321,15 @@ class Learner:
 
         from mmagent_rl import transfer
         from mmagent_rl.learner.sync import export_hf_state
+        from mmagent_rl.wire import checkpoint_shapes
 
         transfer.register()
         self.transfer_close()
         backend = transfer.transfer_backend()
+        # vLLM's GPU engines load as they receive: check the push here first (the
+        # engine's own shapes are the checkpoint's, as in VLLMEngine.expected_shapes)
+        self._preflight_shapes = (checkpoint_shapes(self.model_path)
+                                  if transfer.loads_as_received(backend) else None)
         info = transfer.trainer_init_info(
             backend, address=ray.util.get_node_ip_address(), port=transfer.free_port(),
             world_size=1 + ranks_per_engine * len(rollout_handles), bucket_mb=bucket_mb,
@@ -339,7 +345,7 @@ class Learner:
         (nothing is loaded anywhere then). Under ZeRO-3 every rank calls it."""
         from mmagent_rl.learner.sync import export_hf_state
 
-        from mmagent_rl.transfer import NamedSource
+        from mmagent_rl.transfer import NamedSource, preflight
 
         named = None
         if self.zero_stage == 3:  # the gather is a collective: every rank joins
@@ -348,6 +354,8 @@ class Learner:
             return version
         if named is not None:
             self._transfer.source = NamedSource(lambda: named)
+        if self._preflight_shapes is not None:
+            preflight(list(self._transfer.source), self._preflight_shapes)
         self._transfer.version = str(version)
         self._transfer.send_weights()
         return version

@@ -7,12 +7,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import logging
 import os
-import struct
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Optional
 
 from PIL import Image
@@ -20,6 +17,7 @@ from PIL import Image
 from mmagent_rl.chat import pixel_kwargs
 # The push checks live with the wire format; re-exported for callers of the engine.
 from mmagent_rl.wire import (WeightPushError, _all_finite, check_complete,  # noqa: F401
+                             checkpoint_shapes,
                              validate_push)
 
 
@@ -57,19 +55,6 @@ def _engine_env() -> None:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-
-
-def checkpoint_shapes(model_path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
-    """Parameter names and shapes of a safetensors checkpoint, read from the headers."""
-    shapes: dict[str, tuple[int, ...]] = {}
-    for f in sorted(Path(model_path).glob("*.safetensors")):
-        with open(f, "rb") as fh:
-            (n,) = struct.unpack("<Q", fh.read(8))
-            header = json.loads(fh.read(n))
-        for name, info in header.items():
-            if name != "__metadata__":
-                shapes[name] = tuple(info["shape"])
-    return shapes
 
 
 def _patch_cpu_seeded_sampling() -> None:
