@@ -115,14 +115,25 @@ def run_trl(path: str, a) -> None:
             out.append(reward_text(text))
         return out
 
+    gen_s = [0.0]  # time in TRL's generation and scoring, per step
+
+    class Timed(GRPOTrainer):
+        def _generate_and_score_completions(self, *args, **kw):
+            t = time.perf_counter()
+            try:
+                return super()._generate_and_score_completions(*args, **kw)
+            finally:
+                gen_s[0] += time.perf_counter() - t
+
     class Turns(TrainerCallback):
         def on_step_begin(self, args, state, control, **kw):
             print("READY", flush=True)
             sys.stdin.readline()
-            self.t = time.perf_counter()
+            self.t, gen_s[0] = time.perf_counter(), 0.0
 
         def on_step_end(self, args, state, control, **kw):
-            print(json.dumps({"step_s": time.perf_counter() - self.t}), flush=True)
+            print(json.dumps({"step_s": time.perf_counter() - self.t,
+                              "generate_s": gen_s[0]}), flush=True)
 
     B = a.prompts * a.n
     cfg = GRPOConfig(
@@ -138,8 +149,8 @@ def run_trl(path: str, a) -> None:
     )
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32)
     proc = AutoProcessor.from_pretrained(path)
-    GRPOTrainer(model=model, reward_funcs=shortness, args=cfg, train_dataset=ds,
-                processing_class=proc, callbacks=[Turns()]).train()
+    Timed(model=model, reward_funcs=shortness, args=cfg, train_dataset=ds,
+          processing_class=proc, callbacks=[Turns()]).train()
 
 
 class TRLChild:
@@ -166,11 +177,11 @@ class TRLChild:
         self.err.flush()
         raise SystemExit("TRL run failed: " + open(self.err.name).read()[-4000:])
 
-    def step(self) -> float:
+    def step(self) -> dict:
+        """One step: {"step_s", "generate_s"} (generation and scoring inside it)."""
         self.p.stdin.write("go\n")
         self.p.stdin.flush()
-        dt = json.loads(self._expect("{"))["step_s"]
-        return dt
+        return json.loads(self._expect("{"))
 
     def next_ready(self) -> None:
         self._expect("READY")
@@ -187,7 +198,7 @@ def compare(path: str, a) -> dict:
 
     tr = start_ours(path, a)
     trl = TRLChild(path, a)
-    ours_s, trl_s, gen_tokens = [], [], []
+    ours_s, trl_s, gen_tokens, ours_phases, trl_gen = [], [], [], [], []
     try:
         for r in range(a.steps + 1):
             order = ("ours", "trl") if r % 2 == 0 else ("trl", "ours")
@@ -197,10 +208,12 @@ def compare(path: str, a) -> dict:
                     if r:
                         ours_s.append(m["time/step"])
                         gen_tokens.append(m["tokens/generated"])
+                        ours_phases.append(m)
                 else:
-                    dt = trl.step()
+                    t = trl.step()
                     if r:
-                        trl_s.append(dt)
+                        trl_s.append(t["step_s"])
+                        trl_gen.append(t["generate_s"])
                     if r < a.steps:
                         trl.next_ready()
     finally:
@@ -209,9 +222,13 @@ def compare(path: str, a) -> dict:
         ray.shutdown()
     B = a.prompts * a.n
     o, t = statistics.median(ours_s), statistics.median(trl_s)
+    med = lambda k: round(statistics.median(m[k] for m in ours_phases), 3)  # noqa: E731
     return {"ours": {"step_s": o, "samples_per_s": B / o, "steps": ours_s,
-                     "generated_tokens": statistics.median(gen_tokens)},
-            "trl": {"step_s": t, "samples_per_s": B / t, "steps": trl_s},
+                     "generated_tokens": statistics.median(gen_tokens),
+                     "generate_s": med("time/generate"), "learn_s": med("time/learn"),
+                     "sync_s": med("time/sync")},
+            "trl": {"step_s": t, "samples_per_s": B / t, "steps": trl_s,
+                    "generate_s": round(statistics.median(trl_gen), 3)},
             "ratio": t / o}
 
 
@@ -232,8 +249,11 @@ def main() -> None:
         res[size] = r = compare(model_path(size), a)
         print(f"{size:>5}: ours {r['ours']['samples_per_s']:.2f} samples/s "
               f"({r['ours']['step_s']:.2f} s/step), TRL {r['trl']['samples_per_s']:.2f} "
-              f"samples/s ({r['trl']['step_s']:.2f} s/step): ours/TRL = {r['ratio']:.2f}",
-              flush=True)
+              f"samples/s ({r['trl']['step_s']:.2f} s/step): ours/TRL = {r['ratio']:.2f}\n"
+              f"       ours: generate {r['ours']['generate_s']:.2f} s, learn "
+              f"{r['ours']['learn_s']:.2f} s, sync {r['ours']['sync_s']:.2f} s; TRL: generate "
+              f"and score {r['trl']['generate_s']:.2f} s, the rest "
+              f"{r['trl']['step_s'] - r['trl']['generate_s']:.2f} s", flush=True)
     big = [s for s in res if s != "tiny"]
     print(json.dumps({
         "workload": {"prompts": a.prompts, "n": a.n, "new_tokens": a.tokens,
