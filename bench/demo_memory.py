@@ -5,7 +5,8 @@
 Runs the ``make demo`` command (``python -m mmagent_rl.launch +algo=grpo`` with the
 Makefile's testbed preset, read from the Makefile's ``TESTBED`` so the two cannot drift)
 with ``trainer.total_steps`` and ``trainer.eval_every`` = ``--steps`` (the held-out
-evals before the first step and after the last, as in the demo) as a child process. A thread samples the
+evals before the first step and after the last, as in the demo; ``--quick`` skips them)
+as a child process. A thread samples the
 whole process tree every 0.2 s (the driver, Ray's GCS/raylet/agents, the rollout actor
 with its in-process vLLM engine, the reward actor and both learners are all
 descendants): the sum of RSS, the largest sum seen, and each process's own peak. The

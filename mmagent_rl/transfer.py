@@ -110,11 +110,16 @@ def _nbytes(shape, dtype) -> int:
     return math.prod(shape) * torch.empty((), dtype=dtype).element_size()
 
 
+def _aligned(n: int) -> int:
+    """``n`` rounded up to the next multiple of _ALIGN."""
+    return -(-n // _ALIGN) * _ALIGN
+
+
 def _layout(shapes, dtypes) -> tuple[list[int], int]:
     """Byte offsets of the tensors of one packed bucket, and its size."""
     offsets, n = [], 0
     for shape, dtype in zip(shapes, dtypes):
-        n = -(-n // _ALIGN) * _ALIGN
+        n = _aligned(n)
         offsets.append(n)
         n += _nbytes(shape, dtype)
     return offsets, n
@@ -211,7 +216,7 @@ class GlooWeightTransferEngine(_engine_base()):
         # One staging area for the whole push, kept for the next one (the engine holds
         # one more copy of the weights between pushes; fresh pages each time cost more
         # than the transfer: see _reuse)
-        nbytes = sum(-(-n // _ALIGN) * _ALIGN for n in sizes)
+        nbytes = sum(_aligned(n) for n in sizes)
         self.stage = _reuse(self.stage, nbytes)
         staged, i, offset, t0 = [], 0, 0, time.perf_counter()
         for k, n in zip(info.bucket_sizes, sizes):  # receive everything, then check it
@@ -219,7 +224,7 @@ class GlooWeightTransferEngine(_engine_base()):
             buf = self.stage[offset:offset + n]
             _broadcast(self.group, buf)
             staged += list(zip(info.names[i:i + k], unpack(buf, shapes, dts)))
-            i, offset = i + k, offset + -(-n // _ALIGN) * _ALIGN
+            i, offset = i + k, offset + _aligned(n)
         t1 = time.perf_counter()
         validate_push(staged, self.expected, complete=True)  # WeightPushError: nothing loads
         self.timing = {"received_mb": nbytes / 2**20, "receive_s": t1 - t0,
