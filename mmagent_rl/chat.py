@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 from PIL import Image
 
+from mmagent_rl.example import IMAGE_PLACEHOLDER
+
 # Structural tokens the policy must never sample (a sampled <|image_pad|> would break
 # the image/placeholder bookkeeping). Engine and learner add the same bias so that
 # engine and learner log-probs stay identical.
@@ -84,11 +86,24 @@ class ChatFormat:
         return self.tokenizer.encode(text, add_special_tokens=False)
 
     # ---- turns ----------------------------------------------------------------------
-    def prompt_ids(self, image: Image.Image, question: str) -> list[int]:
-        ids = self.encode(f"<|im_start|>system\n{self.system_prompt}<|im_end|>\n"
-                          "<|im_start|>user\n")
-        ids += self.image_ids(image)
-        ids += self.encode(f"{question}<|im_end|>\n<|im_start|>assistant\n")
+    def prompt_ids(self, images: Image.Image | list[Image.Image], question: str,
+                   system_prompt: str | None = None) -> list[int]:
+        """System turn, then the user turn: the images where the question's ``<image>``
+        placeholders are (one per image), or all before the text if it has none."""
+        images = [images] if isinstance(images, Image.Image) else list(images)
+        system = self.system_prompt if system_prompt is None else system_prompt
+        ids = self.encode(f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n")
+        parts = question.split(IMAGE_PLACEHOLDER)
+        if len(parts) == 1:
+            parts = [""] * len(images) + parts
+        elif len(parts) != len(images) + 1:
+            raise ValueError(f"the question has {len(parts) - 1} {IMAGE_PLACEHOLDER} "
+                             f"placeholders for {len(images)} images")
+        for text, image in zip(parts, images):
+            if text:
+                ids += self.encode(text)
+            ids += self.image_ids(image)
+        ids += self.encode(f"{parts[-1]}<|im_end|>\n<|im_start|>assistant\n")
         return ids
 
     def observation_ids(self, crop: Image.Image | None, error: str | None) -> list[int]:

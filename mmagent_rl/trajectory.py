@@ -56,6 +56,8 @@ class Trajectory:
     example_id: str = ""
     target_box: tuple[int, int, int, int] | None = None  # the example's evidence box
     image_size: tuple[int, int] | None = None  # (width, height) of the original image
+    question: str = ""  # the example's question (model-judged rewards read it)
+    answer_type: str = "exact"  # the example's (reward.match_mode=auto)
     turns: int = 0  # assistant turns completed
     turn_texts: list[str] = field(default_factory=list)  # each turn's generated text
     weights_version: int | None = None  # the weights it was sampled with

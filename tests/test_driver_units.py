@@ -103,13 +103,19 @@ def test_eval_examples_travel_as_arrays_and_come_back_identical():
     ds = SyntheticDataset(SyntheticConfig(), seed=0, size=4, split="test")
     exs = [ds[i] for i in range(4)]
     exs.append(Example("p", Image.new("P", (8, 8)), "q", "a"))  # a mode sent as it is
+    exs.append(Example("m", Image.new("RGB", (8, 6), "red"), "<image> vs <image>", "a",
+                       extra_images=[Image.new("RGB", (4, 4), "blue")]))  # multi-image
     wire = examples_to_wire(exs)
-    assert all(isinstance(px, np.ndarray) for _, px in wire[:4]) and wire[4][1] is None
-    assert all(ex.image is None for ex, _ in wire[:4])
-    for a, b in zip(exs, examples_from_wire(wire)):
-        assert (a.id, a.question, a.answer, a.target_box, a.meta, a.image.mode, a.image.size) \
-            == (b.id, b.question, b.answer, b.target_box, b.meta, b.image.mode, b.image.size)
-        assert np.array_equal(np.asarray(a.image), np.asarray(b.image))
+    assert all(isinstance(px[0], np.ndarray) for _, px in wire[:4]) and wire[4][1] is None
+    assert all(ex.image is None for ex, _ in wire[:4]) and len(wire[5][1]) == 2
+    back = examples_from_wire(wire)
+    assert len(back) == len(exs)
+    for a, b in zip(exs, back):
+        assert (a.id, a.question, a.answer, a.target_box, a.meta, len(a.images)) \
+            == (b.id, b.question, b.answer, b.target_box, b.meta, len(b.images))
+        for x, y in zip(a.images, b.images):
+            assert (x.mode, x.size) == (y.mode, y.size)
+            assert np.array_equal(np.asarray(x), np.asarray(y))
 
 
 def test_reward_scorer_returns_scores_not_trajectories():

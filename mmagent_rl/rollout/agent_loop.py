@@ -48,6 +48,9 @@ class AgentConfig:
     # Eval control (eval.blank_tool_images): the model sees a blank image of the crop's
     # size instead of the crop, so nothing it answers can come from the zoom.
     blank_tool_images: bool = False
+    # data.system_prompt=keep: an example that carries its own system prompt (verl rows)
+    # is prompted with it instead of the configured one (set from the data config).
+    keep_data_system_prompt: bool = False
 
 
 @dataclass
@@ -103,10 +106,10 @@ class AgentLoop:
         tool handling, with loss mask 0 since the policy did not sample them."""
         states = []
         for ex in examples:
-            prompt = self.chat.prompt_ids(ex.image, ex.question)
+            prompt = self.chat.prompt_ids(ex.images, ex.question, self._system_prompt(ex))
             for k in range(n):
                 states.append(_State(ex, k, list(prompt), [0] * len(prompt),
-                                     [0.0] * len(prompt), [ex.image], len(prompt),
+                                     [0.0] * len(prompt), ex.images, len(prompt),
                                      prompt_id=ex.id))
         return self._loop(states, seed, scripted_turns or [])
 
@@ -124,6 +127,10 @@ class AgentLoop:
                     partial=p.partial_text,
                 ))
         return self._loop(states, seed)
+
+    def _system_prompt(self, ex: Example) -> str | None:
+        """The example's own system prompt when the config keeps the data's."""
+        return ex.system_prompt if self.cfg.keep_data_system_prompt else None
 
     # ---- the loop -------------------------------------------------------------------
     def _loop(self, states: list[_State], seed: int,
@@ -231,6 +238,7 @@ class AgentLoop:
             prompt_len=s.prompt_len, ground_truth=ex.answer,
             response_text="".join(s.texts), tool_calls=s.calls, finish_reason=s.finish,
             example_id=ex.id, target_box=ex.target_box, image_size=ex.image.size,
+            question=ex.question, answer_type=ex.answer_type,
             turns=s.turn, turn_texts=list(s.texts),
             meta={k: v for k, v in ex.meta.items() if isinstance(v, (int, float, str, bool))},
         )
