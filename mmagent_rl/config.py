@@ -43,6 +43,9 @@ class DataConfig:
     kind: str = "synthetic"  # synthetic | file
     path: Optional[str] = None  # jsonl or parquet, for kind=file
     eval_path: Optional[str] = None
+    # kind=file without eval_path: the share of data.path held out for eval, drawn with
+    # data.seed (those rows never train). null: an eval needs data.eval_path.
+    eval_fraction: Optional[float] = None
     seed: int = 0
     # The held-out split's seed; None = data.seed. The testbed preset (data=synthetic_hard)
     # ties data.seed to the run's seed (the data order varies across seeds) and keeps
@@ -343,9 +346,14 @@ def _validate_model_and_run(cfg: Config) -> None:
     if cfg.trainer.eval_every < 0:
         raise ValueError(f"trainer.eval_every={cfg.trainer.eval_every} must be >= 0 "
                          "(0 = no held-out eval during training)")
-    if cfg.trainer.eval_every and cfg.data.kind == "file" and not cfg.data.eval_path:
+    frac = cfg.data.eval_fraction
+    if frac is not None and not 0 < frac < 1:
+        raise ValueError(f"data.eval_fraction={frac} must be in (0, 1), or null")
+    if (cfg.trainer.eval_every and cfg.data.kind == "file" and not cfg.data.eval_path
+            and not frac):
         raise ValueError("trainer.eval_every with data.kind=file needs data.eval_path (a "
-                         "held-out file): without it the eval would run on the training file")
+                         "held-out file) or data.eval_fraction (a seeded share of "
+                         "data.path held out): never an eval on the training file")
     if cfg.trainer.max_actor_restarts < 0:
         raise ValueError(f"trainer.max_actor_restarts={cfg.trainer.max_actor_restarts} "
                          "must be >= 0 (0 = a dead rollout or reward actor ends the run)")

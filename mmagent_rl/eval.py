@@ -1,10 +1,12 @@
 """pass@1 / pass@k and tool-use figures on a held-out split, for any checkpoint.
 
     python -m mmagent_rl.eval [eval.checkpoint=DIR] [eval.n_samples=4 eval.k=4]
-                              [hydra.run.dir=...]
+                              [data.format=tsv data.eval_path=FILE] [hydra.run.dir=...]
 
 With no checkpoint it evaluates the model the config names (the embedded agent by
-default). Prints a table and writes ``eval.json`` in the run directory.
+default); with data.eval_path, on that file (a benchmark: docs/data_formats.md), else on
+the held-out split. Prints a table, one per ``category`` too, and writes ``eval.json``
+(``by_category`` included) in the run directory.
 """
 from __future__ import annotations
 
@@ -70,7 +72,27 @@ def summarize(trajs: list[Trajectory], k: int) -> dict:
         "accuracy_without_tool": mean(float(t.correct) for t in no_tool) if no_tool else 0.0,
         "answer_rate": mean(t.reward_info.get("has_answer", 0.0) for t in trajs),
         "mean_turns": mean(t.turns for t in trajs),
+        "by_category": by_category(trajs, k),
     }
+
+
+def by_category(trajs: list[Trajectory], k: int) -> dict:
+    """Per ``meta["category"]`` (benchmarks' task types; examples without one count as
+    "all"): examples, accuracy, pass@1 and pass@k, as in :func:`summarize`."""
+    cats: dict[str, list[list[Trajectory]]] = {}
+    for group in group_by_prompt(trajs).values():
+        cats.setdefault(str(group[0].meta.get("category", "all")), []).append(group)
+    out = {}
+    for cat, groups in sorted(cats.items()):
+        flat = [t for g in groups for t in g]
+        out[cat] = {
+            "n_examples": len(groups),
+            "accuracy": mean(float(t.correct) for t in flat),
+            "pass@1": mean(pass_at_k(len(g), sum(t.correct for t in g), 1) for g in groups),
+            "pass@k": mean(pass_at_k(len(g), sum(t.correct for t in g), min(k, len(g)))
+                           for g in groups),
+        }
+    return out
 
 
 def run_eval(loop, examples, *, n_samples: int, seed: int, scorer) -> list[Trajectory]:
@@ -154,8 +176,18 @@ def print_table(result: dict) -> None:
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key, v in result.items():
-        table.add_row(key, f"{v:.4f}" if isinstance(v, float) else str(v))
+        if not isinstance(v, dict):
+            table.add_row(key, f"{v:.4f}" if isinstance(v, float) else str(v))
     Console().print(table)
+    cats = result.get("by_category") or {}
+    if cats:
+        per = Table(title="by category")
+        for col in ("category", "n_examples", "accuracy", "pass@1", "pass@k"):
+            per.add_column(col, justify="left" if col == "category" else "right")
+        for cat, row in cats.items():
+            per.add_row(cat, str(row["n_examples"]),
+                        *(f"{row[c]:.4f}" for c in ("accuracy", "pass@1", "pass@k")))
+        Console().print(per)
 
 
 def main() -> None:

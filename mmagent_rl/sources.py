@@ -9,8 +9,11 @@ log = logging.getLogger(__name__)
 
 
 def resolve_model_path(cfg: Config) -> str:
+    """A local folder for the model the config names: model.path as a folder, or as a
+    hub name ("Qwen/Qwen2.5-VL-7B-Instruct") resolved through the Hugging Face cache;
+    else the embedded agent or a built tiny model. Fails here, at start, when it cannot."""
     if cfg.model.path:
-        return cfg.model.path
+        return resolve_checkpoint(cfg.model.path)
     if cfg.model.name == "embedded":  # the shipped SFT agent (mmagent_rl/models/embedded.py)
         from mmagent_rl.models.embedded import embedded_path
 
@@ -22,21 +25,98 @@ def resolve_model_path(cfg: Config) -> str:
                                          variant=cfg.model.tiny_variant)))
 
 
+# What a policy checkpoint needs on disk: weights, config, tokenizer and processor files.
+CHECKPOINT_PATTERNS = ["*.safetensors", "*.json", "*.txt", "*.jinja", "*.model", "*.tiktoken"]
+
+
+def resolve_checkpoint(name_or_path: str) -> str:
+    """``name_or_path`` if it is a folder holding safetensors weights; else a hub name
+    looked up in the HF cache (HF_HOME / HF_HUB_CACHE), downloaded into it when the hub
+    is reachable (not with HF_HUB_OFFLINE=1). The folder is resolved on the driver: on a
+    cluster the cache (or the folder) must be on storage every node sees."""
+    from pathlib import Path
+
+    local = Path(name_or_path).expanduser()
+    if local.is_dir():
+        if not any(local.glob("*.safetensors")):
+            raise ValueError(f"model.path={name_or_path}: the folder has no *.safetensors "
+                             "weights (the engine and the weight push need them)")
+        return str(local)
+    if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") != 1:
+        raise ValueError(f"model.path={name_or_path}: no such folder, and not a hub name "
+                         "of the form org/name")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    try:  # the cache first: no network needed when the model is there
+        folder = snapshot_download(name_or_path, allow_patterns=CHECKPOINT_PATTERNS,
+                                   local_files_only=True)
+    except Exception as cached_exc:
+        try:
+            folder = snapshot_download(name_or_path, allow_patterns=CHECKPOINT_PATTERNS)
+        except Exception as exc:
+            raise ValueError(
+                f"model.path={name_or_path}: not a local folder, not in the Hugging Face "
+                f"cache ({HF_HUB_CACHE}: {type(cached_exc).__name__}) and not downloadable "
+                f"({type(exc).__name__}: {str(exc)[:200]}); download it where the hub is "
+                f"reachable (`hf download {name_or_path}`) into a cache this machine "
+                "reads (HF_HOME), or give a local folder") from None
+    if not any(Path(folder).glob("*.safetensors")):
+        raise ValueError(f"model.path={name_or_path}: the cached snapshot {folder} has no "
+                         "*.safetensors weights")
+    return folder
+
+
 def make_dataset(cfg: Config, split: str = "train", skipped: dict | None = None):
-    """The examples of ``split``. For file data, ``skipped`` (if given) receives the
-    number of bad rows skipped per reason."""
-    if cfg.data.kind == "synthetic":
+    """The examples of ``split`` ("train" or "eval"). For file data, ``skipped`` (if
+    given) receives the number of bad rows skipped per reason.
+
+    The eval split is never the training data by accident: ``data.eval_path`` if set
+    (whatever data.kind is, so a benchmark file can be evaluated alone), else the
+    synthetic held-out split, else (data.kind=file) the ``data.eval_fraction`` of
+    data.path drawn with data.seed, which the train split then leaves out; with none of
+    these an eval of file data is an error naming the keys."""
+    d = cfg.data
+    if split == "eval" and d.eval_path:
+        return _load(cfg, d.eval_path, skipped)
+    if d.kind == "synthetic":
         from mmagent_rl.data.synthetic import SyntheticDataset
 
         if split == "train":
-            return SyntheticDataset(cfg.data.synthetic, seed=cfg.data.seed,
-                                    size=cfg.data.train_size, split="train")
-        eval_seed = cfg.data.seed if cfg.data.eval_seed is None else cfg.data.eval_seed
-        return SyntheticDataset(cfg.data.synthetic, seed=eval_seed,
-                                size=cfg.data.eval_size, split="test")  # held out
+            return SyntheticDataset(d.synthetic, seed=d.seed, size=d.train_size, split="train")
+        eval_seed = d.seed if d.eval_seed is None else d.eval_seed
+        return SyntheticDataset(d.synthetic, seed=eval_seed, size=d.eval_size,
+                                split="test")  # held out
+    if split == "eval" and not d.eval_fraction:
+        raise ValueError(
+            f"no held-out data for an eval of data.path={d.path}: set data.eval_path (a "
+            "held-out file) or data.eval_fraction (a seeded share of data.path that "
+            "training then leaves out); an eval on the training file is never implicit")
+    examples = _load(cfg, d.path, skipped)
+    if d.eval_fraction and not d.eval_path:
+        train, held_out = split_held_out(examples, d.eval_fraction, d.seed)
+        return train if split == "train" else held_out
+    return examples
+
+
+def split_held_out(examples: list, fraction: float, seed: int) -> tuple[list, list]:
+    """(train, held out): round(fraction * N) examples, at least one, drawn with
+    ``seed``; both keep the file's order. The same file and seed give the same split in
+    every process."""
+    import random
+
+    n_out = max(1, round(fraction * len(examples)))
+    if n_out >= len(examples):
+        raise ValueError(f"data.eval_fraction={fraction} holds out {n_out} of "
+                         f"{len(examples)} usable rows: nothing would be left to train on")
+    out = set(random.Random(seed).sample(range(len(examples)), n_out))
+    return ([ex for i, ex in enumerate(examples) if i not in out],
+            [ex for i, ex in enumerate(examples) if i in out])
+
+
+def _load(cfg: Config, path: str, skipped: dict | None):
     from mmagent_rl.data.datasets import load_examples
 
-    path = cfg.data.path if split == "train" else (cfg.data.eval_path or cfg.data.path)
     result = load_examples(path, max_image_pixels=cfg.data.max_image_pixels,
                            max_image_bytes=cfg.data.max_image_bytes)
     if result.skipped:

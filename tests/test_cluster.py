@@ -85,7 +85,9 @@ def _wait(cond, timeout: float, what: str, procs=(), logs=()):
     raise RuntimeError(f"{what}: not ready after {time.monotonic() - t0:.0f} s" + tails)
 
 
-def _stop(procs: list[subprocess.Popen]) -> None:
+def _stop(procs: list[subprocess.Popen], graceful: bool = True) -> None:
+    """SIGTERM, as a node shutdown (Ray stops its processes: ~30 s); not graceful (the
+    fixture's teardown, where nobody watches): SIGKILL to every process at once."""
     tree = []
     for p in procs:
         try:
@@ -93,10 +95,16 @@ def _stop(procs: list[subprocess.Popen]) -> None:
         except psutil.NoSuchProcess:
             pass
     for p in procs:
-        try:
-            os.killpg(p.pid, signal.SIGTERM)  # `ray start --block` stops its processes
+        try:  # `ray start --block` stops its processes on SIGTERM
+            os.killpg(p.pid, signal.SIGTERM if graceful else signal.SIGKILL)
         except ProcessLookupError:
             pass
+    if not graceful:
+        for proc in tree:
+            try:
+                proc.kill()
+            except psutil.NoSuchProcess:
+                pass
     for p in procs:
         try:
             p.wait(timeout=60)
@@ -132,7 +140,7 @@ def cluster():
             yield c
             return
         finally:
-            _stop(procs)
+            _stop(procs, graceful=False)
             shutil.rmtree(tmp, ignore_errors=True)
 
 

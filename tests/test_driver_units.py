@@ -91,6 +91,45 @@ def test_eval_every_on_file_data_needs_a_heldout_file():
         validate_common(cfg)
     cfg.data.eval_path = "heldout.jsonl"
     validate_common(cfg)
+    cfg.data.eval_path, cfg.data.eval_fraction = None, 0.2  # a seeded held-out share
+    validate_common(cfg)
+    cfg.data.eval_fraction = 1.0
+    with pytest.raises(ValueError, match="data.eval_fraction"):
+        validate_common(cfg)
+
+
+def test_file_data_eval_is_held_out_never_the_training_file(tmp_path):
+    """Without data.eval_path an eval of file data needs data.eval_fraction: a seeded
+    share the train split leaves out; data.eval_path wins whatever data.kind is."""
+    import json
+
+    from PIL import Image
+
+    from mmagent_rl.sources import make_dataset
+
+    Image.new("RGB", (32, 32), "red").save(tmp_path / "red.png")
+    rows = [{"image": "red.png", "question": f"q{i}", "answer": "red", "id": i}
+            for i in range(10)]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "bench.jsonl").write_text(json.dumps(rows[0]) + "\n")
+    cfg = Config()
+    cfg.data.kind, cfg.data.path = "file", str(tmp_path / "train.jsonl")
+    assert len(make_dataset(cfg, "train")) == 10
+    with pytest.raises(ValueError, match="data.eval_path.*data.eval_fraction"):
+        make_dataset(cfg, "eval")
+    cfg.data.eval_fraction = 0.3
+    train, held = make_dataset(cfg, "train"), make_dataset(cfg, "eval")
+    assert (len(train), len(held)) == (7, 3)
+    assert not {e.id for e in train} & {e.id for e in held}
+    assert [e.id for e in make_dataset(cfg, "eval")] == [e.id for e in held]  # stable
+    cfg.data.seed = 1
+    assert [e.id for e in make_dataset(cfg, "eval")] != [e.id for e in held]  # seeded
+    cfg.data.eval_fraction = 0.99
+    with pytest.raises(ValueError, match="nothing would be left"):
+        make_dataset(cfg, "train")
+    synthetic = Config()
+    synthetic.data.eval_path = str(tmp_path / "bench.jsonl")  # a benchmark file alone
+    assert [e.id for e in make_dataset(synthetic, "eval")] == ["0"]
 
 
 def test_eval_examples_travel_as_arrays_and_come_back_identical():
@@ -135,3 +174,19 @@ def test_reward_scorer_returns_scores_not_trajectories():
         s.apply(t)
     assert [t.correct for t in trajs] == [True, False] and trajs[0].reward > trajs[1].reward
     assert trajs[0].align_scores is None  # no alignment asked for
+
+
+def test_eval_summary_has_per_category_accuracy_and_pass_at_k():
+    from mmagent_rl.eval import summarize
+
+    trajs = [traj("a", 1, False, idx=0), traj("a", 0, False, idx=1),
+             traj("b", 1, True, idx=0), traj("b", 1, True, idx=1),
+             traj("c", 0, False, idx=0), traj("c", 0, False, idx=1)]
+    for t in trajs:
+        t.image_size = (64, 64)
+        t.meta = {"category": "color"} if t.prompt_id in "ab" else {}
+    cats = summarize(trajs, k=2)["by_category"]
+    assert cats == {"color": {"n_examples": 2, "accuracy": 0.75, "pass@1": 0.75,
+                              "pass@k": 1.0},
+                    "all": {"n_examples": 1, "accuracy": 0.0, "pass@1": 0.0,
+                            "pass@k": 0.0}}
