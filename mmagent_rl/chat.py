@@ -9,6 +9,8 @@ it expands itself (passing the expanded run makes it expand every pad again).
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 from dataclasses import dataclass
 
 from PIL import Image
@@ -28,6 +30,52 @@ DEFAULT_SYSTEM_PROMPT = (
     "see\"}}</tool_call>, with the box in pixels of the original image. "
     "Answer as <answer>...</answer>."
 )
+
+
+# The tools section of Qwen's chat templates (Qwen2.5 / Qwen3 / Qwen3-VL: ``tools=`` of
+# apply_chat_template), which follows the system prompt when tools are offered. The
+# model answers in the format our parser reads (mmagent_rl/tools/parse.py).
+TOOLS_HEADER = ("# Tools\n\nYou may call one or more functions to assist with the user "
+                "query.\n\nYou are provided with function signatures within <tools></tools> "
+                "XML tags:\n<tools>")
+TOOLS_FOOTER = ("\n</tools>\n\nFor each function call, return a json object with function "
+                "name and arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n"
+                '{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call>')
+
+
+def _tool_lines(schemas: list[dict]) -> str:
+    """One JSON line per tool, as the templates' ``tojson`` writes it."""
+    return "".join("\n" + json.dumps(s, ensure_ascii=False) for s in schemas)
+
+
+def render_tools_section(schemas: list[dict]) -> str:
+    """The ``# Tools`` section for ``schemas`` (OpenAI function format), rendered here:
+    for tokenizers whose chat template ignores ``tools=`` (the tiny models')."""
+    return TOOLS_HEADER + _tool_lines(schemas) + TOOLS_FOOTER
+
+
+def system_with_tools(tokenizer, system: str, schemas: list[dict]) -> str:
+    """The system turn's text with the tools offered: the checkpoint's own chat template
+    when it renders ``tools=`` (its system turn is taken from the rendering), else
+    ``system``, a blank line and :func:`render_tools_section` (Qwen's layout)."""
+    if schemas and getattr(tokenizer, "chat_template", None):
+        try:
+            text = tokenizer.apply_chat_template(
+                [{"role": "system", "content": system}, {"role": "user", "content": "?"}],
+                tools=schemas, tokenize=False, add_generation_prompt=False)
+        except Exception:  # noqa: BLE001 - a template that cannot take tools
+            text = ""
+        head = "<|im_start|>system\n"
+        start = text.find(head) if isinstance(text, str) else -1
+        end = text.find("<|im_end|>", start) if start >= 0 else -1
+        if end >= 0:
+            rendered = text[start + len(head):end]
+            if system in rendered and all(s["function"]["name"] in rendered for s in schemas):
+                return rendered
+    if not schemas:
+        return system
+    return f"{system}\n\n{render_tools_section(schemas)}" if system else \
+        render_tools_section(schemas)
 
 
 @dataclass
@@ -63,6 +111,14 @@ class ChatFormat:
         proc = AutoProcessor.from_pretrained(path)
         kw = {} if system_prompt is None else {"system_prompt": system_prompt}
         return cls(proc.tokenizer, proc.image_processor, **kw)
+
+    def with_tools(self, schemas: list[dict]) -> "ChatFormat":
+        """A copy whose system prompt offers ``schemas`` (:func:`system_with_tools`);
+        itself when it already does."""
+        if not schemas or _tool_lines(schemas) in self.system_prompt:
+            return self
+        return dataclasses.replace(
+            self, system_prompt=system_with_tools(self.tokenizer, self.system_prompt, schemas))
 
     # ---- images -------------------------------------------------------------------
     def image_grid(self, image: Image.Image) -> tuple[int, int, int]:

@@ -10,7 +10,7 @@ import os
 import shutil
 import socket
 
-from mmagent_rl.config import Config, system_prompt
+from mmagent_rl.config import Config, agent_config, system_prompt
 from mmagent_rl.faults import learner_get
 from mmagent_rl.trajectory import Trajectory
 
@@ -117,8 +117,11 @@ class Actors:
         engine_cfg = dataclasses.replace(
             c.rollout.engine, seed=c.rollout.engine.seed + 1_000_003 * c.trainer.seed,
             weight_transfer="auto" if c.sync.backend == "transfer" else None)
-        self.rollouts = [Rollout.remote(self.model_path, engine_cfg, c.rollout.agent,
-                                        system_prompt(c))
+        from mmagent_rl.tools.registry import ToolSettings
+
+        self.rollouts = [Rollout.remote(self.model_path, engine_cfg, agent_config(c),
+                                        system_prompt(c),
+                                        tools=ToolSettings.from_config(c.rollout))
                          for _ in range(c.rollout.num_workers)]
         Reward = make_reward_actor(c.reward.num_cpus, c.reward.num_gpus, restarts)
         alignment = self.algorithm.alignment()  # per-tool-call scores (MAPO) or None

@@ -58,6 +58,19 @@ class DataConfig:
     # kind=file: rows whose image is larger are skipped (decompression bombs)
     max_image_pixels: int = 64_000_000
     max_image_bytes: int = 256 * 2**20
+    # kind=file: the file's format, auto (told from the path) | rows | verl | hf | tsv |
+    # vstar (docs/data_formats.md)
+    format: str = "auto"
+    # keep: a row's own system prompt (verl prompts) replaces the configured one;
+    # config: rows' system prompts are ignored
+    system_prompt: str = "config"
+    # format=hf: the DatasetDict split to read; null: train for training, test (else
+    # validation, else the only split) for eval
+    split: Optional[str] = None
+    # Where relative image paths start; null: the data file's folder
+    image_root: Optional[str] = None
+    # hf (and rows' optional columns): role -> column name, e.g. {question: prompt_text}
+    columns: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -71,6 +84,17 @@ class RolloutConfig:
     n: int = 4  # samples per prompt (group size G)
     engine: EngineConfig = field(default_factory=EngineConfig)
     agent: AgentConfig = field(default_factory=AgentConfig)
+    # The tools the agent can call, by import path "package.module:attribute"
+    # (docs/tools.md); built in: mmagent_rl.tools.zoom:image_zoom_in_tool and
+    # mmagent_rl.tools.rotate:image_rotate_tool. Loaded at start; a bad entry fails there.
+    tools: list = field(default_factory=lambda: ["mmagent_rl.tools.zoom:image_zoom_in_tool"])
+    # A tool call running longer becomes "Error: tool X timed out after N s" (tools that
+    # set their own timeout_s keep it; the built-in ones run inline, without one).
+    tool_timeout_s: float = 30.0
+    # The tools' schemas in the system prompt (Qwen's "# Tools" section): auto = only
+    # when rollout.tools is not the default zoom alone (the default prompts and the
+    # shipped embedded agent's describe the zoom call themselves); true; false.
+    tools_in_prompt: str = "auto"
 
 
 @dataclass
@@ -82,10 +106,37 @@ class ClipConfig:
 
 
 @dataclass
+class JudgeConfig:
+    """A model judge (reward.fn=mmagent_rl.reward.judge:judge_reward; docs/rewards.md):
+    an OpenAI-compatible chat server says yes/no to each extracted <answer>."""
+    url: str = "http://127.0.0.1:8000/v1"  # base URL; /chat/completions is appended
+    model: str = "judge"  # the served model name
+    api_key: Optional[str] = None  # sent as a Bearer token; None: none sent
+    # Fields: {question} {answer} {ground_truth}. None: judge.DEFAULT_PROMPT.
+    prompt_template: Optional[str] = None
+    # true: the server constrains the reply to "yes"/"no" (vLLM's structured_outputs
+    # choice); false: any OpenAI-compatible server, the reply is parsed (yes/no or JSON)
+    structured_output: bool = True
+    extra_body: dict = field(default_factory=dict)  # merged into every request body
+    concurrency: int = 8  # requests in flight per scoring batch
+    timeout_s: float = 30.0  # per attempt
+    retries: int = 2  # more attempts after a timeout, a refused connection, 429 or 5xx
+    backoff_s: float = 0.5  # wait before retry k: backoff_s * 2**k
+    # A judge that fails (no verdict after the retries) is counted (info judge_error,
+    # metric reward/judge_errors) and the trajectory scored by: rule = the rule-based
+    # match of reward.match_mode; zero = counted wrong.
+    fallback: str = "rule"
+    max_tokens: int = 16
+    temperature: float = 0.0
+
+
+@dataclass
 class RewardConfig:
-    fn: str = "mmagent_rl.reward.task:default_reward"
-    match_mode: str = "exact"
+    fn: str = "mmagent_rl.reward.task:default_reward"  # or an async def (reward/judge.py)
+    # exact | choice | number | auto (each example's answer_type; synthetic: exact)
+    match_mode: str = "auto"
     format_weight: float = 0.0
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
     clip: ClipConfig = field(default_factory=ClipConfig)
     num_cpus: float = 0.25
     num_gpus: float = 0.0
@@ -269,6 +320,15 @@ def system_prompt(cfg: Config) -> Optional[str]:
                                                DEFAULT_SYSTEM_PROMPT)
 
 
+def agent_config(cfg: Config):
+    """rollout.agent with what the data section decides: whether an example's own system
+    prompt (verl rows) replaces the configured one (data.system_prompt=keep)."""
+    import dataclasses
+
+    return dataclasses.replace(cfg.rollout.agent,
+                               keep_data_system_prompt=cfg.data.system_prompt == "keep")
+
+
 def _choice(key: str, value, valid) -> None:
     if value not in valid:
         raise ValueError(f"{key}={value!r} is not valid; valid choices: {list(valid)}")
@@ -285,6 +345,8 @@ def validate_common(cfg: Config) -> None:
     """What every entry point (RL, SFT, eval) needs to hold."""
     choice = _choice
     choice("data.kind", cfg.data.kind, ("synthetic", "file"))
+    choice("data.format", cfg.data.format, ("auto", "rows", "verl", "hf", "tsv", "vstar"))
+    choice("data.system_prompt", cfg.data.system_prompt, ("keep", "config"))
     choice("learner.zero_stage", cfg.learner.zero_stage, (0, 1, 2, 3))
     choice("learner.lr_schedule", cfg.learner.lr_schedule, ("constant", "cosine"))
     from mmagent_rl.wire import check_backend

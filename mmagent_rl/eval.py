@@ -17,7 +17,9 @@ import os
 import time
 from statistics import mean, stdev
 
+from mmagent_rl.metrics import tool_metrics
 from mmagent_rl.rollout.agent_loop import eval_agent_config
+from mmagent_rl.tools.parse import ZOOM_TOOL_NAME
 from mmagent_rl.tools.zoom import is_valid_box
 from mmagent_rl.trajectory import Trajectory, group_by_prompt
 
@@ -45,7 +47,8 @@ def box_contains(box, target) -> bool:
 def summarize(trajs: list[Trajectory], k: int) -> dict:
     """The eval.json figures from scored trajectories (n per example)."""
     groups = group_by_prompt(trajs)
-    calls = [(t, c) for t in trajs for c in t.tool_calls]
+    # box figures: zoom calls (and calls whose name did not parse); other tools have no box
+    calls = [(t, c) for t in trajs for c in t.tool_calls if c.name in (None, ZOOM_TOOL_NAME)]
     valid = [c.bbox is not None and is_valid_box(c.bbox, *t.image_size) for t, c in calls]
     with_target = [(t, c) for t, c in calls if t.target_box and c.bbox is not None
                    and is_valid_box(c.bbox, *t.image_size)]
@@ -73,6 +76,8 @@ def summarize(trajs: list[Trajectory], k: int) -> dict:
         "answer_rate": mean(t.reward_info.get("has_answer", 0.0) for t in trajs),
         "mean_turns": mean(t.turns for t in trajs),
         "by_category": by_category(trajs, k),
+        # per tool: calls, errors, mean latency (the tool/<name>/* training metrics)
+        **tool_metrics([c for t in trajs for c in t.tool_calls]),
     }
 
 
@@ -108,7 +113,7 @@ def run_eval(loop, examples, *, n_samples: int, seed: int, scorer) -> list[Traje
 def evaluate(model_path: str, examples, *, n_samples: int, k: int, temperature: float,
              agent_cfg, engine_cfg, reward_cfg=None, seed: int = 0,
              system_prompt: str | None = None,
-             blank_tool_images: bool = False) -> tuple[dict, list[Trajectory]]:
+             blank_tool_images: bool = False, tools=None) -> tuple[dict, list[Trajectory]]:
     """``reward_cfg``: the reward section the rollouts are scored with (default:
     RewardConfig())."""
     from mmagent_rl.reward.worker import RewardScorer
@@ -118,7 +123,7 @@ def evaluate(model_path: str, examples, *, n_samples: int, k: int, temperature: 
 
     engine = VLLMEngine(model_path, engine_cfg)
     loop = AgentLoop(engine, ChatFormat.from_pretrained(model_path, system_prompt),
-                     eval_agent_config(agent_cfg, temperature, blank_tool_images))
+                     eval_agent_config(agent_cfg, temperature, blank_tool_images), tools)
     trajs = run_eval(loop, examples, n_samples=n_samples, seed=seed,
                      scorer=RewardScorer(reward_cfg))
     return summarize(trajs, k), trajs
@@ -203,8 +208,9 @@ def main() -> None:
     def _run(cfg) -> None:
         import torch
 
-        from mmagent_rl.config import system_prompt
+        from mmagent_rl.config import agent_config, system_prompt
         from mmagent_rl.sources import make_dataset, resolve_model_path
+        from mmagent_rl.tools.registry import ToolSet
 
         c = OmegaConf.to_object(cfg)
         torch.set_num_threads(c.eval.torch_threads)
@@ -215,9 +221,10 @@ def main() -> None:
             examples = [examples[i] for i in range(min(c.eval.max_examples, len(examples)))]
         result, _ = evaluate(
             path, examples, n_samples=c.eval.n_samples, k=c.eval.k,
-            temperature=c.eval.temperature, agent_cfg=c.rollout.agent,
+            temperature=c.eval.temperature, agent_cfg=agent_config(c),
             engine_cfg=c.rollout.engine, reward_cfg=c.reward, seed=c.eval.seed,
-            system_prompt=system_prompt(c), blank_tool_images=c.eval.blank_tool_images)
+            system_prompt=system_prompt(c), blank_tool_images=c.eval.blank_tool_images,
+            tools=ToolSet.from_config(c.rollout))
         result["checkpoint"] = path
         print_table(result)
         with open(os.path.join(run_dir, "eval.json"), "w") as f:

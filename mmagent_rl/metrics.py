@@ -12,11 +12,14 @@ from mmagent_rl.trajectory import Trajectory, group_by_prompt
 log = logging.getLogger(__name__)
 
 
-def rollout_metrics(trajs: list[Trajectory]) -> dict[str, float]:
+def rollout_metrics(trajs: list[Trajectory],
+                    tool_names: tuple[str, ...] | list[str] = ()) -> dict[str, float]:
     """Rewards, accuracy and tool use of one step's trajectories.
 
     ``tool/all_wrong_rate`` is the share of groups (prompts) whose tool-using rollouts
-    are non-empty and all wrong: AXPO's trigger rate, over all groups of the step."""
+    are non-empty and all wrong: AXPO's trigger rate, over all groups of the step.
+    Per tool: :func:`tool_metrics` (``tool_names``: the run's tools, reported even
+    when not called)."""
     if not trajs:
         return {}
     groups = group_by_prompt(trajs)
@@ -45,6 +48,42 @@ def rollout_metrics(trajs: list[Trajectory]) -> dict[str, float]:
         "response/max_tokens_rate": mean(float(t.finish_reason == "max_tokens") for t in trajs),
         "response/max_turns_rate": mean(float(t.finish_reason == "max_turns") for t in trajs),
     }
+    m.update(tool_metrics(calls, tool_names))
+    m.update(reward_error_metrics(trajs))
+    return m
+
+
+def tool_metrics(calls, tool_names=()) -> dict[str, float]:
+    """Per tool named in a call (and per name of ``tool_names``): ``tool/<name>/calls``
+    and ``tool/<name>/errors`` (counts over the step: bad arguments, failures and
+    timeouts are errors) and ``tool/<name>/latency_s`` (mean wall time of the tool's runs;
+    0 when it never ran). Calls whose name did not parse count only in tool/error_rate."""
+    per: dict[str, list] = {n: [] for n in tool_names}
+    for c in calls:
+        if c.name is not None:
+            per.setdefault(c.name, []).append(c)
+    m = {}
+    for name, cs in per.items():
+        lat = [c.latency_s for c in cs if c.latency_s is not None]
+        m[f"tool/{name}/calls"] = float(len(cs))
+        m[f"tool/{name}/errors"] = float(sum(not c.ok for c in cs))
+        m[f"tool/{name}/latency_s"] = mean(lat) if lat else 0.0
+    return m
+
+
+def reward_error_metrics(trajs: list[Trajectory]) -> dict[str, float]:
+    """With a model-judged reward (reward/judge.py): ``reward/judge_errors``, the count
+    of judge calls that failed (those trajectories were scored by the fallback), and
+    ``reward/judge_latency_s``, the mean request latency. ``reward/errors``: the count
+    of reward plugin calls that raised (scored 0), when there are any."""
+    infos = [t.reward_info for t in trajs]
+    m = {}
+    if any("judge_ok" in i for i in infos):
+        m["reward/judge_errors"] = float(sum(i.get("judge_error", 0.0) for i in infos))
+        lat = [i["judge_latency_s"] for i in infos if "judge_latency_s" in i]
+        m["reward/judge_latency_s"] = mean(lat) if lat else 0.0
+    if any(i.get("reward_error") for i in infos):
+        m["reward/errors"] = float(sum(i.get("reward_error", 0.0) for i in infos))
     return m
 
 

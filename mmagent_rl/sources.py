@@ -117,8 +117,11 @@ def split_held_out(examples: list, fraction: float, seed: int) -> tuple[list, li
 def _load(cfg: Config, path: str, skipped: dict | None):
     from mmagent_rl.data.datasets import load_examples
 
-    result = load_examples(path, max_image_pixels=cfg.data.max_image_pixels,
-                           max_image_bytes=cfg.data.max_image_bytes)
+    d = cfg.data  # an hf DatasetDict's default split follows the purpose (eval_path: test)
+    result = load_examples(path, d.format, max_image_pixels=d.max_image_pixels,
+                           max_image_bytes=d.max_image_bytes, split=d.split,
+                           purpose="eval" if path == d.eval_path != d.path else "train",
+                           image_root=d.image_root, columns=dict(d.columns or {}))
     if result.skipped:
         log.warning("data: skipped %d rows: %s", sum(result.skipped.values()),
                     dict(result.skipped))

@@ -43,6 +43,9 @@ class Trainer(Actors, Checkpointing, HeldOutEval, RolloutsAhead):
         from mmagent_rl.reward.task import load_reward_fn
 
         load_reward_fn(cfg.reward.fn)  # a bad import path fails here, before any actor
+        from mmagent_rl.tools.registry import ToolSet
+
+        self.tools = ToolSet.from_config(cfg.rollout)  # so does a bad rollout.tools entry
         self.cfg, self.run_dir = cfg, run_dir
         os.makedirs(run_dir, exist_ok=True)
         self.model_path = resolve_model_path(cfg)
@@ -173,7 +176,8 @@ class Trainer(Actors, Checkpointing, HeldOutEval, RolloutsAhead):
         t_sync = time.perf_counter() - t0
         total = time.perf_counter() - t_start
         gen_tokens = sum(t.num_generated for t in batch)
-        m = {"step": self.step, **learn, **rollout_metrics(trajs), **extra, **times,
+        m = {"step": self.step, **learn, **rollout_metrics(trajs, self.tools.names),
+             **extra, **times,
              "adv/abs_mean": float(adv.abs().mean()), "time/learn": t_learn,
              "time/sync": t_sync, "time/step": total, "tokens/generated": gen_tokens,
              "tokens_per_s": gen_tokens / total if total > 0 else 0.0,

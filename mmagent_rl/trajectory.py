@@ -19,7 +19,8 @@ from PIL import Image
 
 @dataclass
 class ToolCall:
-    """One parsed (or failed) tool call and what the tool returned."""
+    """One parsed (or failed) tool call and what the tool returned (an image: the
+    ``image_index``-th of Trajectory.images; a text: ``result_text``; or ``error``)."""
 
     turn: int  # index of the assistant turn that made the call
     raw: str  # text between <tool_call> and </tool_call>
@@ -28,9 +29,14 @@ class ToolCall:
     crop_box: tuple[int, int, int, int] | None = None  # what was really cut
     label: str | None = None  # the model's description of what it will see
     error: str | None = None  # None when the tool ran
-    image_index: int | None = None  # index into Trajectory.images of the crop
+    image_index: int | None = None  # index into Trajectory.images of the returned image
     # token span [start, end) of this call's assistant turn in Trajectory.token_ids
     span: tuple[int, int] | None = None
+    # The arguments the tool was called with, as its validate() returned them (None when
+    # the call did not parse); bbox and label above are the zoom's, read from them.
+    arguments: dict[str, Any] | None = None
+    result_text: str | None = None  # a tool's text result, as shown to the model
+    latency_s: float | None = None  # wall time of the tool's run (None: it never ran)
 
     @property
     def ok(self) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 
 import pytest
 
@@ -23,14 +24,36 @@ def _rows(run) -> list[dict]:
 def _training_part(row: dict) -> dict:
     """What a step trained on and what it computed: not its timings or its eval."""
     return {k: v for k, v in row.items()
-            if not k.startswith(("time/", "eval/")) and not k.endswith("_per_s")}
+            if not k.startswith(("time/", "eval/"))
+            and not k.endswith(("_per_s", "latency_s"))}
+
+
+def _public_format_files(tmp_path) -> list[str]:
+    """The task's examples as the field ships them: training rows in verl parquet and a
+    held-out benchmark in VLMEvalKit TSV (multiple choice, two categories)."""
+    from format_fixtures import COLOUR_OPTIONS, as_records, write_tsv, write_verl
+
+    from mmagent_rl.data.synthetic import SyntheticConfig, SyntheticDataset
+
+    train = SyntheticDataset(SyntheticConfig(), seed=0, size=8, split="train")
+    held = as_records([SyntheticDataset(SyntheticConfig(), seed=0, size=6, split="test")[i]
+                       for i in range(6)], options=COLOUR_OPTIONS)
+    for i, r in enumerate(held):
+        r.category = ("near", "far")[i % 2]
+    write_verl(tmp_path / "train.parquet", [train[i] for i in range(8)])
+    write_tsv(tmp_path / "bench.tsv", held)
+    return ["data.kind=file", f"data.path={tmp_path / 'train.parquet'}"]
 
 
 @pytest.mark.slow
 def test_eval_inside_training_matches_the_eval_cli_and_leaves_training_alone(tmp_path):
+    """On public formats too: a 2-step GRPO run on verl parquet, evaluated on a TSV
+    benchmark inside training and by the eval CLI (data.format=tsv)."""
     with_eval, without = tmp_path / "with_eval", tmp_path / "without"
-    p = launch([*SMALL, "trainer.total_steps=2", "trainer.eval_every=1",
-                f"hydra.run.dir={with_eval}"])
+    data = _public_format_files(tmp_path)
+    bench = tmp_path / "bench.tsv"
+    p = launch([*SMALL, *data, f"data.eval_path={bench}", "trainer.total_steps=2",
+                "trainer.eval_every=1", f"hydra.run.dir={with_eval}"])
     assert p.returncode == 0, p.stderr[-4000:]
     rows = _rows(with_eval)
     assert [r["step"] for r in rows] == [0, 1, 2]
@@ -45,7 +68,8 @@ def test_eval_inside_training_matches_the_eval_cli_and_leaves_training_alone(tmp
     # The final eval.json is what the eval CLI gives on the saved checkpoint.
     final = json.loads((with_eval / "eval.json").read_text())
     assert final["step"] == 2
-    cli = launch(["model=embedded", "data=synthetic_hard", "data.eval_size=6", "eval.n_samples=2", "eval.k=2",
+    cli = launch(["model=embedded", "data.format=tsv", f"data.eval_path={bench}",
+                  "eval.n_samples=2", "eval.k=2",
                   f"eval.checkpoint={with_eval / 'checkpoints' / 'final'}",
                   f"hydra.run.dir={tmp_path / 'cli'}"], module="mmagent_rl.eval")
     assert cli.returncode == 0, cli.stderr[-4000:]
@@ -53,9 +77,17 @@ def test_eval_inside_training_matches_the_eval_cli_and_leaves_training_alone(tmp
     for k in ("pass@1", "pass@k", "tool_call_rate", "box_hit_rate", "format_rate",
               "accuracy", "mean_turns", "n_examples", "n_samples"):
         assert final[k] == pytest.approx(alone[k], abs=1e-12), k
+    tool_figures = {k: v for k, v in alone.items() if k.startswith("tool/")}
+    assert tool_figures.keys() == {k for k in final if k.startswith("tool/")}
+    assert all(k.endswith("latency_s") or final[k] == v for k, v in tool_figures.items())
+    assert set(alone["by_category"]) == {"near", "far"}
+    assert alone["by_category"] == final["by_category"]
+    assert sum(c["n_examples"] for c in alone["by_category"].values()) == 6
+    assert "by category" in cli.stdout and "near" in cli.stdout  # the per-category table
+    assert all(math.isfinite(v) for r in rows for v in r.values() if isinstance(v, float))
 
     # The same run without eval trains on the same rollouts, step for step.
-    p = launch([*SMALL, "trainer.total_steps=2", "trainer.save_final=false",
+    p = launch([*SMALL, *data, "trainer.total_steps=2", "trainer.save_final=false",
                 f"hydra.run.dir={without}"])
     assert p.returncode == 0, p.stderr[-4000:]
     plain = _rows(without)

@@ -92,8 +92,13 @@ def label_text(example: Example, mode: str) -> str:
 
 
 def tool_call_text(box: tuple[int, int, int, int], label: str) -> str:
-    body = json.dumps({"name": ZOOM_TOOL_NAME,
-                       "arguments": {"bbox_2d": list(box), "label": label}})
+    return call_text(ZOOM_TOOL_NAME, {"bbox_2d": list(box), "label": label})
+
+
+def call_text(name: str, arguments: dict[str, Any]) -> str:
+    """A call of any tool in the agent's format, e.g.
+    ``call_text("image_rotate_tool", {"angle": 90})``."""
+    body = json.dumps({"name": name, "arguments": arguments})
     return f"{TOOL_CALL_OPEN}{body}{TOOL_CALL_CLOSE}"
 
 
@@ -187,6 +192,67 @@ def make_demo(example: Example, chat: ChatFormat, rng: random.Random,
                 meta={"id": example.id, "answer": example.answer,
                       "target_box": list(example.target_box or ()),
                       "easy": bool(example.meta.get("easy"))})
+
+
+def scripted_demo(example: Example, chat: ChatFormat, turns: list[str], tools=None,
+                  settings=None) -> Demo:
+    """A demonstration of scripted assistant turns with any tools, run as the agent loop
+    runs them: a turn ending with ``</tool_call>`` is parsed and executed by ``tools``
+    (a ToolSet; None = the default, the zoom alone) on the example's image and followed
+    by the observation (the returned image, a text, or the "Error: ..." the model would
+    see); the last turn must be a final one (it ends with ``<|im_end|>``). ``settings``:
+    the AgentConfig the tools read (zoom_min_size, ...; None = their defaults). Every
+    assistant token has loss 1, as in :func:`make_demo`.
+
+    E.g. ``scripted_demo(ex, chat, [call_text("image_rotate_tool", {"angle": 90}),
+    "<answer>red</answer>"], ToolSet.load(BUILTIN_TOOLS))``."""
+    from mmagent_rl.tools.base import ToolContext
+    from mmagent_rl.tools.parse import find_tool_call
+    from mmagent_rl.tools.registry import default_toolset
+
+    tools = tools if tools is not None else default_toolset()
+    if not turns or turns[-1].rstrip().endswith(TOOL_CALL_CLOSE):
+        raise ValueError("the last scripted turn must be a final answer, not a tool call")
+    images = [example.image]
+    messages: list[dict[str, Any]] = [
+        {"role": "system", "content": [{"type": "text", "text": chat.system_prompt}]},
+        {"role": "user", "content": [{"type": "image", "image": 0},
+                                     {"type": "text", "text": example.question}]},
+    ]
+    ids = chat.prompt_ids(example.image, example.question)
+    mask = [0] * len(ids)
+    box, names = None, []
+    for k, text in enumerate(turns):
+        calls_tool = text.rstrip().endswith(TOOL_CALL_CLOSE)
+        if calls_tool != (k < len(turns) - 1):
+            raise ValueError(f"scripted turn {k}: every turn but the last must end with a "
+                             "tool call")
+        turn = chat.encode(text) + ([] if calls_tool else [chat.im_end_id])
+        ids.extend(turn)
+        mask.extend([1] * len(turn))
+        messages.append({"role": "assistant", "content": [{"type": "text", "text": text}]})
+        if not calls_tool:
+            break
+        parsed = tools.parse(find_tool_call(text) or "")
+        out = tools.run(parsed, example.image, ToolContext(
+            images=list(images), question=example.question, turn=k, settings=settings))
+        names.append(parsed.name)
+        if parsed.bbox is not None and box is None:  # the first zoom's box, as asked
+            box = parsed.bbox
+        if out.image is not None:
+            messages.append({"role": "tool", "content": [{"type": "image",
+                                                          "image": len(images)}]})
+            images.append(out.image)
+            obs = chat.observation_ids(out.image, None)
+        else:
+            shown = out.error if out.error is not None else out.text
+            messages.append({"role": "tool", "content": [{"type": "text", "text": shown}]})
+            obs = chat.observation_ids(None, shown)
+        ids.extend(obs)
+        mask.extend([0] * len(obs))
+    return Demo(ids, mask, images, messages, box,
+                meta={"id": example.id, "answer": example.answer,
+                      "target_box": list(example.target_box or ()), "tools": names})
 
 
 def _text_of(message: dict[str, Any]) -> str:

@@ -1,7 +1,12 @@
 """Task reward: is the final <answer> right, and is the response well formed?
 
 The reward function is a plugin: ``load_reward_fn("pkg.module:function")`` returns any
-callable with the signature of ``default_reward``.
+callable with the signature of ``default_reward``: ``fn(response_text, ground_truth, *,
+match_mode, format_weight, **_) -> (reward, info)``. ``match_mode`` is always concrete
+(exact | choice | number: ``auto`` is resolved per trajectory by the scorer). The scorer
+also passes ``question`` (and ``judge``, the reward.judge section) to a plugin that takes
+them by name or takes ``**kwargs``. A plugin may be ``async def``: the scorer then runs a
+whole batch concurrently (reward/worker.py; reward/judge.py is one).
 """
 from __future__ import annotations
 
@@ -14,6 +19,8 @@ from mmagent_rl.tools.parse import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
 
 ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
 MATCH_MODES = ("exact", "choice", "number")
+# reward.match_mode=auto: each trajectory's own answer_type (one of MATCH_MODES) decides.
+AUTO_MODE = "auto"
 # Chat end markers a decoded response may still carry; they do not break the format.
 _END_MARKERS = ("<|im_end|>", "<|endoftext|>")
 
@@ -67,6 +74,17 @@ def answers_match(pred: str | None, gt: str, mode: str = "exact") -> bool:
     return math.isclose(got, want, rel_tol=1e-6, abs_tol=1e-12)
 
 
+def resolve_match_mode(mode: str, answer_type: str) -> str:
+    """The concrete mode for one trajectory: ``mode`` itself, or under ``auto`` the
+    example's ``answer_type``. ValueError for a mode (or answer_type) not in MATCH_MODES."""
+    concrete = answer_type if mode == AUTO_MODE else mode
+    if concrete not in MATCH_MODES:
+        what = f"answer_type {answer_type!r} (reward.match_mode=auto)" \
+            if mode == AUTO_MODE else f"match mode {mode!r}"
+        raise ValueError(f"unknown {what}; expected one of {MATCH_MODES}")
+    return concrete
+
+
 def _tool_calls_closed(text: str) -> bool:
     """Every <tool_call> is closed before the next one opens; no stray closes."""
     inside = False
@@ -96,6 +114,7 @@ def default_reward(
     *,
     match_mode: str = "exact",
     format_weight: float = 0.0,
+    **_,
 ) -> tuple[float, dict[str, float]]:
     """reward = correct + format_weight * format_ok, with the parts in the info dict."""
     answer = extract_answer(response_text)

@@ -6,14 +6,23 @@ call's description with the crop the tool really returned.
 fractional CPU here, a GPU share on clusters). The actor's call, ``scores``, returns one
 ``Score`` per trajectory and its metrics, not the trajectories (their images stay where
 they are); ``score`` applies them in place, for local use.
+
+The task reward plugin is called once per trajectory with the trajectory's concrete match
+mode (``reward.match_mode=auto``: its ``answer_type``) and its ``question``. An ``async
+def`` plugin (a model judge, reward/judge.py) gets the whole batch at once: every call
+runs concurrently in one event loop (``asyncio.run`` inside ``scores``; a thread of its
+own if the caller already runs a loop). Either way a call that raises scores 0 with
+``reward_error``: every trajectory gets a Score.
 """
 from __future__ import annotations
 
+import asyncio
+import inspect
 import logging
 import time
 from dataclasses import dataclass, field
 
-from mmagent_rl.reward.task import load_reward_fn
+from mmagent_rl.reward.task import AUTO_MODE, MATCH_MODES, load_reward_fn, resolve_match_mode
 from mmagent_rl.trajectory import Trajectory
 
 log = logging.getLogger(__name__)
@@ -47,7 +56,15 @@ class RewardScorer:
             cfg = RewardConfig()
         torch.set_num_threads(torch_threads)
         self.fn = load_reward_fn(cfg.fn)
-        self.kwargs = {"match_mode": cfg.match_mode, "format_weight": cfg.format_weight}
+        if cfg.match_mode not in (*MATCH_MODES, AUTO_MODE):
+            raise ValueError(f"reward.match_mode={cfg.match_mode!r}: expected one of "
+                             f"{(*MATCH_MODES, AUTO_MODE)}")
+        self.match_mode = cfg.match_mode
+        self.is_async = _is_async(self.fn)
+        self.kwargs = {"format_weight": cfg.format_weight}
+        self.accepts = _keyword_names(self.fn)  # None: any keyword (**kwargs)
+        if self._accepts("judge"):
+            self.kwargs["judge"] = getattr(cfg, "judge", None)
         self.mapo = alignment
         self.clip = None
         if alignment is not None:
@@ -59,16 +76,49 @@ class RewardScorer:
 
     def scores(self, trajs: list[Trajectory]) -> tuple[list[Score], dict]:
         """One Score per trajectory, and additive metrics (alignment pairs and time)."""
-        out = []
-        for t in trajs:
-            try:
-                reward, info = self.fn(t.response_text, t.ground_truth, **self.kwargs)
-                out.append(Score(float(reward), {k: float(v) for k, v in info.items()}))
-            except Exception as e:  # a broken plugin must not take the run down silently
-                log.warning("reward fn failed on %s: %s", t.prompt_id, e)
-                out.append(Score(0.0, {"correct": 0.0, "reward_error": 1.0}))
+        calls = [self._call(t) for t in trajs]
+        if self.is_async:
+            results = _run(_gather(self.fn, calls))
+        else:
+            results = []
+            for c in calls:
+                try:
+                    results.append(c if isinstance(c, Exception) else self.fn(*c[0], **c[1]))
+                except Exception as e:  # noqa: BLE001 - scored as an error below
+                    results.append(e)
+        out = [self._to_score(t, r) for t, r in zip(trajs, results)]
         metrics = self._align(trajs, out) if self.clip is not None else {}
         return out, metrics
+
+    def _accepts(self, name: str) -> bool:
+        return self.accepts is None or name in self.accepts
+
+    def _call(self, t: Trajectory) -> tuple[tuple, dict] | Exception:
+        """The plugin's (args, kwargs) for ``t``, or the ValueError of an unknown
+        answer_type (that trajectory then scores as a reward error)."""
+        try:
+            mode = resolve_match_mode(self.match_mode, t.answer_type)
+        except ValueError as e:
+            return e
+        kwargs = dict(self.kwargs, match_mode=mode)
+        if self._accepts("question"):
+            kwargs["question"] = t.question
+        return (t.response_text, t.ground_truth), kwargs
+
+    @staticmethod
+    def _to_score(t: Trajectory, result) -> Score:
+        """A (reward, info) result, or the exception the call raised -> reward 0 with
+        ``reward_error`` (a broken plugin must not take the run down silently)."""
+        error = result if isinstance(result, BaseException) else None
+        if error is None:
+            try:
+                reward, info = result
+                return Score(float(reward), {k: float(v) for k, v in info.items()})
+            except Exception as e:  # noqa: BLE001 - not a (reward, info) of numbers
+                error = e
+        log.warning("reward fn failed on %s: %s: %s", t.prompt_id, type(error).__name__,
+                    error)
+        return Score(0.0, {"correct": 0.0, "reward_error": 1.0})
 
     def score(self, trajs: list[Trajectory]) -> list[Trajectory]:
         """``scores`` applied to ``trajs`` in place (the eval and local callers)."""
@@ -101,6 +151,50 @@ class RewardScorer:
             out[i].align_statuses.append(st)
         return {"mapo/align_pairs": float(len(descs)),
                 "mapo/align_time_s": time.perf_counter() - t0}
+
+
+def _is_async(fn) -> bool:
+    """An ``async def`` function (or partial of one), or an object whose ``__call__`` is."""
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
+        getattr(fn, "__call__", None))
+
+
+def _keyword_names(fn) -> set[str] | None:
+    """The keyword arguments ``fn`` takes by name; None when it takes ``**kwargs`` (or
+    its signature cannot be read): then it is given every optional argument."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return None
+    return {p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
+
+
+# Module functions, not RewardScorer methods: a Ray actor class with an ``async def``
+# method would become an async actor.
+async def _gather(fn, calls: list) -> list:
+    """Every call of the batch at once (``calls``: (args, kwargs) or an exception); a
+    raising call becomes its exception in the result list, the others still run."""
+    async def one(call):
+        if isinstance(call, BaseException):
+            raise call
+        args, kwargs = call
+        return await fn(*args, **kwargs)
+
+    return await asyncio.gather(*(one(c) for c in calls), return_exceptions=True)
+
+
+def _run(coro):
+    """``asyncio.run(coro)``; from inside a running event loop, in a thread of its own."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coro).result()
 
 
 def make_reward_actor(num_cpus: float, num_gpus: float = 0.0, max_restarts: int = 3):

@@ -2,9 +2,10 @@
 append the observation as tokens (mask 0), repeat up to max_turns.
 
 Every active rollout of every prompt goes into one engine call per turn, so vLLM
-batches them. Nothing here raises on bad model output: a malformed call becomes an
-"Error: ..." observation that the model sees, and each trajectory is capped by
-max_turns and max_total_tokens.
+batches them. Nothing here raises on bad model output: a malformed call (or a tool that
+fails or times out: mmagent_rl/tools/registry.py) becomes an "Error: ..." observation that
+the model sees, and each trajectory is capped by max_turns and max_total_tokens. The
+tools are the run's ``rollout.tools`` (a ToolSet; default: the zoom alone).
 """
 from __future__ import annotations
 
@@ -19,13 +20,9 @@ from mmagent_rl.example import Example
 from mmagent_rl.chat import (BANNED_LOGIT_BIAS, ChatFormat, chat_with_processor_kwargs,
                              collapse_image_runs)
 from mmagent_rl.rollout.engine import Generation
-from mmagent_rl.tools.parse import (
-    find_tool_call,
-    has_unterminated_call,
-    inert_text,
-    parse_tool_call,
-)
-from mmagent_rl.tools.zoom import run_tool
+from mmagent_rl.tools.base import ToolContext
+from mmagent_rl.tools.parse import find_tool_call, has_unterminated_call, inert_text
+from mmagent_rl.tools.registry import ToolSet, default_toolset
 from mmagent_rl.trajectory import ToolCall, Trajectory
 
 
@@ -89,11 +86,17 @@ def request_seed(seed: int, *parts) -> int:
 
 
 class AgentLoop:
-    def __init__(self, engine, chat: ChatFormat, cfg: AgentConfig = AgentConfig()):
+    def __init__(self, engine, chat: ChatFormat, cfg: AgentConfig = AgentConfig(),
+                 tools: ToolSet | None = None):
+        """``tools``: the run's tools (``ToolSet.from_config(cfg.rollout)``); None = the
+        default, the zoom alone. When they are offered in the prompt
+        (``rollout.tools_in_prompt``), ``chat``'s system prompt gets their schemas."""
         self.engine = engine
+        self.tools = tools if tools is not None else default_toolset()
         # Image tokens must be counted the way the engine's processor resizes images.
         self.chat = chat_with_processor_kwargs(
-            chat, getattr(engine, "model_path", None), getattr(engine, "processor_kwargs", None))
+            self.tools.prompt_chat(chat), getattr(engine, "model_path", None),
+            getattr(engine, "processor_kwargs", None))
         self.cfg = cfg
 
     # ---- entry points ---------------------------------------------------------------
@@ -197,21 +200,25 @@ class AgentLoop:
         span = (len(s.ids) - len(g.token_ids), len(s.ids))
         if g.stop_token == chat.tool_call_close_id:
             raw = find_tool_call(full_turn) or ""
-            parsed = parse_tool_call(raw)
+            parsed = self.tools.parse(raw)
             call = ToolCall(turn=turn, raw=raw, name=parsed.name, bbox=parsed.bbox,
-                            label=parsed.label, error=parsed.error, span=span)
-            crop = None
-            if parsed.error is None:
-                crop, box, err = run_tool(parsed, s.example.image, min_size=cfg.zoom_min_size,
-                                          out_max_side=cfg.zoom_out_max_side)
-                call.crop_box, call.error = box, err
+                            label=parsed.label, error=parsed.error, span=span,
+                            arguments=parsed.arguments)
+            crop = None  # the tool's image, if it returned one
+            if parsed.error is None:  # the tool runs on the example's (first) image
+                out = self.tools.run(parsed, s.example.image, ToolContext(
+                    images=list(s.images), question=s.example.question, turn=turn,
+                    settings=cfg))
+                crop, call.crop_box, call.error = out.image, out.crop_box, out.error
+                call.result_text, call.latency_s = out.text, out.latency_s
             if call.error is not None:  # echoed to the model: no token injection
                 call.error = inert_text(call.error)
             s.calls.append(call)
             if s.turn >= cfg.max_turns:
                 s.done, s.finish = True, "max_turns"
                 return
-            obs = chat.observation_ids(crop, call.error)
+            obs = chat.observation_ids(crop, call.error if call.error is not None
+                                       else call.result_text)
             if len(s.ids) + len(obs) >= cfg.max_total_tokens:
                 s.done, s.finish = True, "max_tokens"
                 return

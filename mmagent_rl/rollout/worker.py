@@ -8,16 +8,21 @@ from mmagent_rl.example import Example
 from mmagent_rl.rollout.agent_loop import AgentConfig, AgentLoop
 from mmagent_rl.chat import ChatFormat
 from mmagent_rl.rollout.engine import EngineConfig, VLLMEngine
+from mmagent_rl.tools.registry import ToolSettings
 from mmagent_rl.trajectory import Trajectory
 
 
 class RolloutWorker:
     def __init__(self, model_path: str, engine_cfg: EngineConfig, agent_cfg: AgentConfig,
-                 system_prompt: str | None = None, torch_threads: int = 1):
+                 system_prompt: str | None = None, torch_threads: int = 1,
+                 tools: ToolSettings | None = None):
+        """``tools``: ``ToolSettings.from_config(cfg.rollout)`` (import paths, loaded
+        here); None = the default, the zoom alone."""
         torch.set_num_threads(torch_threads)
+        self.tools = (tools or ToolSettings()).load()  # before the engine: fails fast
         self.engine = VLLMEngine(model_path, engine_cfg)
         self.chat = ChatFormat.from_pretrained(model_path, system_prompt)
-        self.loop = AgentLoop(self.engine, self.chat, agent_cfg)
+        self.loop = AgentLoop(self.engine, self.chat, agent_cfg, self.tools)
         self.weights_version = 0
 
     def generate(self, examples: list[Example], n: int, seed: int) -> list[Trajectory]:
@@ -44,7 +49,7 @@ class RolloutWorker:
             self._eval_set = examples_from_wire(ray.get(examples_ref[0]))
 
         loop = AgentLoop(self.engine, self.chat, eval_agent_config(
-            self.loop.cfg, temperature, blank_tool_images))
+            self.loop.cfg, temperature, blank_tool_images), self.tools)
         with self.engine.rng_preserved():  # training then samples as without this eval
             trajs = loop.run(list(self._eval_set), n=n, seed=seed)
         # ... and finds the caches as it would have.

@@ -70,7 +70,12 @@ def run_sft(cfg, run_dir: str) -> list[dict]:
     validate_common(cfg)
     sft = cfg.sft
     model_path = resolve_model_path(cfg)
-    chat = ChatFormat.from_pretrained(model_path, cfg.model.system_prompt)
+    # the prompt the RL rollouts will see: with the tools' schemas when they are offered
+    # there (rollout.tools_in_prompt; a bad rollout.tools entry fails here)
+    from mmagent_rl.tools.registry import ToolSet
+
+    chat = ToolSet.from_config(cfg.rollout).prompt_chat(
+        ChatFormat.from_pretrained(model_path, cfg.model.system_prompt))
     curriculum = bool(sft.stages)
     source = Curriculum(cfg, chat) if curriculum else DemoSource(cfg, chat)
     keys = KeyTokens(chat.tokenizer) if curriculum else None

@@ -1,23 +1,29 @@
-"""Parse the zoom tool call out of one assistant turn.
+"""Parse a tool call out of one assistant turn.
 
-Format (DeepEyes style)::
+Format (Qwen / DeepEyes style)::
 
     <tool_call>{"name": "image_zoom_in_tool",
                 "arguments": {"bbox_2d": [x1, y1, x2, y2], "label": "..."}}</tool_call>
 
+Any registered tool's name is accepted (mmagent_rl/tools/registry.py); its arguments are
+checked by the tool's own ``validate`` (the zoom checks its box, mmagent_rl/tools/zoom.py).
 Everything here is total: any string gives a ``ParsedCall``; problems are reported as
 an "Error: ..." message that is shown to the model as the tool's observation.
 """
 from __future__ import annotations
 
 import json
+import logging
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 TOOL_CALL_OPEN = "<tool_call>"
 TOOL_CALL_CLOSE = "</tool_call>"
 ZOOM_TOOL_NAME = "image_zoom_in_tool"
-KNOWN_TOOLS = (ZOOM_TOOL_NAME,)
+KNOWN_TOOLS = (ZOOM_TOOL_NAME,)  # the default tool list's names (rollout.tools)
+log = logging.getLogger(__name__)
 
 MAX_COORD = 1e6  # far beyond any real image; larger values are garbage, not pixels
 MAX_LABEL_CHARS = 512
@@ -33,6 +39,10 @@ class ParsedCall:
     bbox: tuple[float, float, float, float] | None
     label: str | None
     error: str | None  # None when the call is well formed
+    # The arguments the tool is called with, as its validate() returned them (None on
+    # error). ``bbox`` / ``label`` are read from them: a tuple ``bbox_2d`` (the zoom's)
+    # and a string ``label``.
+    arguments: dict[str, Any] | None = None
 
     @property
     def ok(self) -> bool:
@@ -93,47 +103,64 @@ def _parse_coord(value: object) -> float | None:
     return float(value)
 
 
-def parse_tool_call(raw: str) -> ParsedCall:
-    """Parse the JSON inside a tool call. Never raises."""
+def parse_tool_call(raw: str, tools: Any = None) -> ParsedCall:
+    """Parse the JSON inside a tool call. Never raises.
+
+    ``tools``: a ToolSet (mmagent_rl/tools/registry.py) or a mapping name -> Tool; None =
+    the default tool list (the zoom alone)."""
+    if tools is None:
+        from mmagent_rl.tools.registry import default_toolset
+
+        tools = default_toolset()
+    return parse_with(raw, tools.by_name if hasattr(tools, "by_name") else tools)
+
+
+def _expected(tools: Mapping[str, Any]) -> str:
+    if len(tools) == 1:
+        return next(iter(tools.values())).example_call()
+    return '{"name": NAME, "arguments": {...}} with NAME one of ' + ", ".join(tools)
+
+
+def parse_with(raw: str, tools: Mapping[str, Any]) -> ParsedCall:
+    """:func:`parse_tool_call` with the tools given as a mapping name -> Tool."""
     try:
         obj = json.loads(raw)
     except (ValueError, TypeError, RecursionError) as exc:
         # ValueError covers JSONDecodeError and ints too long to convert.
         detail = str(exc).split("\n")[0][:120]
-        return _error(f"tool call is not valid JSON ({detail}). Expected {_EXAMPLE_CALL}")
+        return _error(f"tool call is not valid JSON ({detail}). Expected {_expected(tools)}")
     if not isinstance(obj, dict):
         return _error(f"tool call must be a JSON object, got {type(obj).__name__}. "
-                      f"Expected {_EXAMPLE_CALL}")
+                      f"Expected {_expected(tools)}")
 
     name = obj.get("name")
-    known = ", ".join(KNOWN_TOOLS)
+    known = ", ".join(tools)
     if name is None:
         return _error(f'missing "name". Known tools: {known}')
-    if not isinstance(name, str) or name not in KNOWN_TOOLS:
+    if not isinstance(name, str) or name not in tools:
         return _error(f"unknown tool {_short(name)}. Known tools: {known}")
+    tool = tools[name]
 
     args = obj.get("arguments")
     if args is None:
-        return _error(f'missing "arguments". Expected {_EXAMPLE_CALL}', name)
+        return _error(f'missing "arguments". Expected {tool.example_call()}', name)
     if not isinstance(args, dict):
         return _error('"arguments" must be a JSON object', name)
 
-    if "bbox_2d" not in args:
-        return _error('missing "bbox_2d" = [x1, y1, x2, y2] in pixels', name)
-    box = args["bbox_2d"]
-    if not isinstance(box, list) or len(box) != 4:
-        return _error(f'"bbox_2d" must be a list of 4 numbers [x1, y1, x2, y2], '
-                      f"got {_short(box)}", name)
-    coords = [_parse_coord(v) for v in box]
-    if any(c is None for c in coords):
-        return _error(f'"bbox_2d" must hold 4 finite numbers of at most {MAX_COORD:g}, '
-                      f"got {_short(box)}", name)
+    from mmagent_rl.tools.base import ToolError
 
+    try:
+        out = tool.validate(args)
+    except ToolError as exc:
+        return _error(inert_text(str(exc)).removeprefix("Error: "), name)
+    except Exception as exc:  # a bug in a user's validate must not kill a rollout
+        log.warning("tool %s: validate failed on %s: %r", name, _short(args), exc)
+        return _error(f"tool {name} failed ({type(exc).__name__})", name)
+    args = args if out is None else out
+    if not isinstance(args, dict):
+        return _error(f"tool {name} failed (validate returned {type(args).__name__})", name)
+    bbox = args.get("bbox_2d")
+    bbox = bbox if isinstance(bbox, tuple) and len(bbox) == 4 else None
     label = args.get("label")
-    if label is not None:
-        if not isinstance(label, str):
-            return _error(f'"label" must be a string, got {type(label).__name__}', name)
-        # Lone surrogates (from "\\udXXX" escapes) would crash any tokenizer later.
-        label = label.encode("utf-8", "replace").decode("utf-8").strip()[:MAX_LABEL_CHARS]
-
-    return ParsedCall(name=name, bbox=tuple(coords), label=label, error=None)
+    return ParsedCall(name=name, bbox=bbox, label=label if isinstance(label, str) else None,
+                      error=None, arguments=args)

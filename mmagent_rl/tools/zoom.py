@@ -1,5 +1,10 @@
 """The zoom tool: cut a box out of the original image and enlarge it.
 
+``image_zoom_in_tool`` is the tool as the agent calls it (mmagent_rl/tools/base.py's
+interface, the default of ``rollout.tools``); :func:`zoom` is the operation itself, which
+demonstrations and the eval also use. Its settings are the rollout's
+``rollout.agent.zoom_min_size`` and ``rollout.agent.zoom_out_max_side``.
+
 Output sides are multiples of 28 because the Qwen2.5-VL processor works on 28-px cells
 (14-px patches merged 2x2): a crop of 112x112 becomes exactly 4x4 = 16 vision tokens
 and nothing is lost to the processor's own resizing.
@@ -12,18 +17,21 @@ from collections.abc import Sequence
 
 from PIL import Image
 
-from mmagent_rl.tools.parse import ZOOM_TOOL_NAME, ParsedCall
+from mmagent_rl.tools.base import Tool, ToolContext, ToolError, ToolResult
+from mmagent_rl.tools.parse import (
+    _EXAMPLE_CALL,
+    MAX_COORD,
+    MAX_LABEL_CHARS,
+    ZOOM_TOOL_NAME,
+    ParsedCall,
+    _parse_coord,
+    _short,
+)
 
 log = logging.getLogger(__name__)
 
 CELL = 28  # pixels per merged vision token side
-
-
-class ToolError(Exception):
-    """A bad request; ``str(err)`` is an "Error: ..." message shown to the model."""
-
-    def __init__(self, message: str):
-        super().__init__(message if message.startswith("Error: ") else f"Error: {message}")
+__all__ = ["ToolError", "ZoomTool", "image_zoom_in_tool", "is_valid_box", "run_tool", "zoom"]
 
 
 def _is_number(v: object) -> bool:
@@ -116,7 +124,10 @@ def zoom(
 def run_tool(
     parsed: ParsedCall, image: Image.Image, **zoom_kwargs
 ) -> tuple[Image.Image | None, tuple[int, int, int, int] | None, str | None]:
-    """(crop, crop_box, None) on success, (None, None, "Error: ...") otherwise. Never raises."""
+    """(crop, crop_box, None) on success, (None, None, "Error: ...") otherwise. Never raises.
+
+    The zoom alone, without the registry (kept for scripts and tests); the agent loop
+    runs every tool through ``ToolSet.run`` (mmagent_rl/tools/registry.py)."""
     if parsed.error is not None:
         return None, None, parsed.error
     if parsed.name != ZOOM_TOOL_NAME:
@@ -131,3 +142,58 @@ def run_tool(
         log.warning("zoom failed on %r: %r", parsed.bbox, exc)
         return None, None, f"Error: the zoom tool failed ({type(exc).__name__})"
     return crop, box, None
+
+
+class ZoomTool(Tool):
+    """``{"bbox_2d": [x1, y1, x2, y2], "label": "..."}`` -> the zoomed crop (an image)."""
+
+    name = ZOOM_TOOL_NAME
+    description = ("Zoom in on a region of the original image: crop the box bbox_2d "
+                   "(absolute pixel coordinates [x1, y1, x2, y2] of the original image) and "
+                   "enlarge it.")
+    parameters = {
+        "type": "object",
+        "properties": {
+            "bbox_2d": {"type": "array", "items": {"type": "number"}, "minItems": 4,
+                        "maxItems": 4,
+                        "description": "the box [x1, y1, x2, y2] in pixels of the original "
+                                       "image"},
+            "label": {"type": "string",
+                      "description": "what you expect to see in the box"},
+        },
+        "required": ["bbox_2d"],
+    }
+    timeout_s = 0  # built in: fast, runs inline
+
+    def example_call(self) -> str:
+        return _EXAMPLE_CALL
+
+    def validate(self, arguments: dict) -> dict:
+        """The box as 4 floats (finite, at most MAX_COORD: no pixels beyond that) and the
+        label stripped, capped and made tokenizable; the messages are the parser's."""
+        if "bbox_2d" not in arguments:
+            raise ToolError('missing "bbox_2d" = [x1, y1, x2, y2] in pixels')
+        box = arguments["bbox_2d"]
+        if not isinstance(box, list) or len(box) != 4:
+            raise ToolError(f'"bbox_2d" must be a list of 4 numbers [x1, y1, x2, y2], '
+                            f"got {_short(box)}")
+        coords = [_parse_coord(v) for v in box]
+        if any(c is None for c in coords):
+            raise ToolError(f'"bbox_2d" must hold 4 finite numbers of at most '
+                            f"{MAX_COORD:g}, got {_short(box)}")
+        label = arguments.get("label")
+        if label is not None:
+            if not isinstance(label, str):
+                raise ToolError(f'"label" must be a string, got {type(label).__name__}')
+            # Lone surrogates (from "\\udXXX" escapes) would crash any tokenizer later.
+            label = label.encode("utf-8", "replace").decode("utf-8").strip()[:MAX_LABEL_CHARS]
+        return {"bbox_2d": tuple(coords), "label": label}
+
+    def __call__(self, arguments: dict, image: Image.Image, context: ToolContext) -> ToolResult:
+        crop, box = zoom(image, arguments["bbox_2d"],
+                         min_size=context.setting("zoom_min_size", 28),
+                         out_max_side=context.setting("zoom_out_max_side", 112))
+        return ToolResult(image=crop, crop_box=box)
+
+
+image_zoom_in_tool = ZoomTool()
