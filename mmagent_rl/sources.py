@@ -78,7 +78,7 @@ def make_dataset(cfg: Config, split: str = "train", skipped: dict | None = None)
     these an eval of file data is an error naming the keys."""
     d = cfg.data
     if split == "eval" and d.eval_path:
-        return _load(cfg, d.eval_path, skipped)
+        return _load(cfg, d.eval_path, skipped, purpose="eval")
     if d.kind == "synthetic":
         from mmagent_rl.data.synthetic import SyntheticDataset
 
@@ -114,13 +114,13 @@ def split_held_out(examples: list, fraction: float, seed: int) -> tuple[list, li
             [ex for i, ex in enumerate(examples) if i in out])
 
 
-def _load(cfg: Config, path: str, skipped: dict | None):
+def _load(cfg: Config, path: str, skipped: dict | None, purpose: str = "train"):
     from mmagent_rl.data.datasets import load_examples
 
     d = cfg.data  # an hf DatasetDict's default split follows the purpose (eval_path: test)
     result = load_examples(path, d.format, max_image_pixels=d.max_image_pixels,
                            max_image_bytes=d.max_image_bytes, split=d.split,
-                           purpose="eval" if path == d.eval_path != d.path else "train",
+                           purpose=purpose,
                            image_root=d.image_root, columns=dict(d.columns or {}))
     if result.skipped:
         log.warning("data: skipped %d rows: %s", sum(result.skipped.values()),
