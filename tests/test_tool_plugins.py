@@ -431,7 +431,17 @@ def test_agent_config_zoom_settings_reach_the_zoom_in_the_loop(chat, examples):
     assert loop.chat.system_prompt.startswith(chat.system_prompt + "\n\n# Tools")
 
 
-def test_user_tools_in_the_agent_loop_on_the_real_engine(engine, chat, examples):
+@pytest.fixture(scope="module")
+def own_engine(tiny_model_path):
+    """An engine of this module's own: the session's shares vLLM's process-wide parallel
+    state, which an engine that another module made and dropped tears down with it
+    (tests/test_resume.py makes one)."""
+    from mmagent_rl.rollout.engine import EngineConfig, VLLMEngine
+
+    return VLLMEngine(tiny_model_path, EngineConfig(max_model_len=2048, seed=0))
+
+
+def test_user_tools_in_the_agent_loop_on_the_real_engine(own_engine, chat, examples):
     """User tools from tests/user_tools.py next to the built-in rotate: offered in the
     prompt, run on scripted calls; an exception, a timeout and an unknown name become
     observations the model sees, and the real engine takes every request and goes on."""
@@ -439,7 +449,7 @@ def test_user_tools_in_the_agent_loop_on_the_real_engine(engine, chat, examples)
 
     ts = ToolSet.load(["mmagent_rl.tools.rotate:image_rotate_tool"] + USER, timeout_s=0.4)
     ex = examples[1]
-    loop = AgentLoop(engine, chat, AgentConfig(max_turns=6, max_new_tokens=4,
+    loop = AgentLoop(own_engine, chat, AgentConfig(max_turns=6, max_new_tokens=4,
                                                max_total_tokens=2000), ts)
     turns = [call_turn("image_rotate_tool", angle=180),
              call_turn("image_flip_tool", direction="horizontal"),
