@@ -359,7 +359,8 @@ def validate_common(cfg: Config) -> None:
         if v < 1:
             raise ValueError(f"{key} must be >= 1, got {v}")
     if cfg.data.kind == "file" and not cfg.data.path:
-        raise ValueError("data.kind=file needs data.path (a .jsonl or .parquet file)")
+        raise ValueError("data.kind=file needs data.path (a file, folder or glob in one of "
+                         "the data.format formats: docs/data_formats.md)")
     if cfg.trainer.off_policy_steps < 0:
         raise ValueError(f"trainer.off_policy_steps must be >= 0, got "
                          f"{cfg.trainer.off_policy_steps}")
