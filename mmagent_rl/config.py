@@ -345,6 +345,9 @@ def validate_common(cfg: Config) -> None:
     """What every entry point (RL, SFT, eval) needs to hold."""
     choice = _choice
     choice("data.kind", cfg.data.kind, ("synthetic", "file"))
+    from mmagent_rl.reward.task import AUTO_MODE, MATCH_MODES
+
+    choice("reward.match_mode", cfg.reward.match_mode, (*MATCH_MODES, AUTO_MODE))
     choice("data.format", cfg.data.format, ("auto", "rows", "verl", "hf", "tsv", "vstar"))
     choice("data.system_prompt", cfg.data.system_prompt, ("keep", "config"))
     choice("learner.zero_stage", cfg.learner.zero_stage, (0, 1, 2, 3))

@@ -96,6 +96,9 @@ def test_eval_every_on_file_data_needs_a_heldout_file():
     cfg.data.eval_fraction = 1.0
     with pytest.raises(ValueError, match="data.eval_fraction"):
         validate_common(cfg)
+    cfg.data.eval_fraction, cfg.reward.match_mode = 0.2, "fuzzy"  # before any actor
+    with pytest.raises(ValueError, match="reward.match_mode"):
+        validate_common(cfg)
 
 
 def test_file_data_eval_is_held_out_never_the_training_file(tmp_path):
