@@ -44,7 +44,7 @@ def box_contains(box, target) -> bool:
             and box[2] >= target[2] and box[3] >= target[3])
 
 
-def summarize(trajs: list[Trajectory], k: int) -> dict:
+def summarize(trajs: list[Trajectory], k: int, tool_names=()) -> dict:
     """The eval.json figures from scored trajectories (n per example)."""
     groups = group_by_prompt(trajs)
     # box figures: zoom calls (and calls whose name did not parse); other tools have no box
@@ -77,7 +77,7 @@ def summarize(trajs: list[Trajectory], k: int) -> dict:
         "mean_turns": mean(t.turns for t in trajs),
         "by_category": by_category(trajs, k),
         # per tool: calls, errors, mean latency (the tool/<name>/* training metrics)
-        **tool_metrics([c for t in trajs for c in t.tool_calls]),
+        **tool_metrics([c for t in trajs for c in t.tool_calls], tool_names),
     }
 
 
@@ -126,7 +126,7 @@ def evaluate(model_path: str, examples, *, n_samples: int, k: int, temperature: 
                      eval_agent_config(agent_cfg, temperature, blank_tool_images), tools)
     trajs = run_eval(loop, examples, n_samples=n_samples, seed=seed,
                      scorer=RewardScorer(reward_cfg))
-    return summarize(trajs, k), trajs
+    return summarize(trajs, k, loop.tools.names), trajs
 
 
 class HeldOutEval:
@@ -165,7 +165,7 @@ class HeldOutEval:
 
         trajs = RewardScorer(c.reward).score(
             [t for p in parts for t in p])
-        result = summarize(trajs, E.k)
+        result = summarize(trajs, E.k, self.tools.names)
         result["step"] = self.step
         result["time_s"] = time.perf_counter() - t0
         self.last_eval = result
